@@ -1,0 +1,309 @@
+"""torchvision's Mask R-CNN and Keypoint R-CNN (ResNet-FPN) with the paper's non-local blocks (§6).
+
+Wang et al. put one 2D non-local block in the backbone "right before the last residual block of res4" and,
+for keypoints, four more in the head, one after every two of its eight convolutions. No code was released for
+this part, so the detectors here are torchvision's own, built exactly as ``maskrcnn_resnet50_fpn`` /
+``keypointrcnn_resnet50_fpn`` build them, with the blocks spliced into two ``nn.Sequential`` containers:
+
+- res4 is torchvision's ``layer3``; the block goes between ``layer3[-2]`` and ``layer3[-1]`` (R50: after
+  index 4 of 0..5, R101: after index 21 of 0..22) under the child name ``nonlocal_after_4`` /
+  ``nonlocal_after_21``;
+- the keypoint head's children are ``0..15`` (conv, relu, conv, relu, ...); the blocks follow relus
+  ``3, 7, 11, 15``, i.e. convs 2, 4, 6 and 8.
+
+Every original child keeps its name, so a torchvision detector's state dict loads key for key and reports only
+the ``nonlocal_after_*`` parameters as missing. The blocks start as the identity (BN with γ = 0), which is why
+a trained detector gives the same detections with them inserted.
+
+BN inside the block: torchvision freezes the backbone's BN when it starts from pre-trained weights, because
+two images per device give poor batch statistics. The block's own BN cannot be frozen — with γ = 0 fixed it
+would stay the identity for ever — so it is a plain ``nn.BatchNorm2d`` (batch statistics in training, running
+ones in evaluation). Its statistics are gathered over every position of every image in the batch (thousands at
+res4), which is enough. The paper does not say what it used.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchvision.models.detection import KeypointRCNN, MaskRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from nlnet.layers import NonLocalBlock
+
+__all__ = [
+    "DetectorPreset",
+    "LoadReport",
+    "available",
+    "create",
+    "load_backbone_state_dict",
+    "load_detector_state_dict",
+    "nonlocal_blocks",
+]
+
+NONLOCAL_PREFIX = "nonlocal_after_"
+
+
+@dataclass(frozen=True)
+class DetectorPreset:
+    """One detector of the paper's §6, as data.
+
+    Attributes:
+        kind: "mask" (Mask R-CNN) or "keypoint" (Keypoint R-CNN).
+        depth: ResNet depth of the backbone (50 or 101).
+        res4_blocks: number of residual blocks in res4 (torchvision's ``layer3``).
+        head_nonlocal_after_convs: 1-based indices of head convolutions followed by a block (keypoint head).
+        default_num_classes: torchvision's default number of classes, background included.
+    """
+
+    kind: str
+    depth: int
+    res4_blocks: int
+    head_nonlocal_after_convs: tuple[int, ...] = field(default=())
+    default_num_classes: int = 91
+
+    @property
+    def backbone_nonlocal_after(self) -> int:
+        """0-based index of the res4 block the backbone block follows: the one before the last."""
+        return self.res4_blocks - 2
+
+
+_PRESETS: dict[str, DetectorPreset] = {
+    "maskrcnn_r50_fpn": DetectorPreset(kind="mask", depth=50, res4_blocks=6),
+    "maskrcnn_r101_fpn": DetectorPreset(kind="mask", depth=101, res4_blocks=23),
+    "keypointrcnn_r50_fpn": DetectorPreset(
+        kind="keypoint",
+        depth=50,
+        res4_blocks=6,
+        head_nonlocal_after_convs=(2, 4, 6, 8),
+        default_num_classes=2,
+    ),
+}
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`create`."""
+    return sorted(_PRESETS)
+
+
+def preset(name: str) -> DetectorPreset:
+    """The :class:`DetectorPreset` behind ``name``; ValueError for an unknown name."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown detector {name!r}; expected one of {available()}")
+    return _PRESETS[name]
+
+
+def create(
+    name: str,
+    num_classes: int | None = None,
+    *,
+    nonlocal_backbone: bool = True,
+    nonlocal_head: bool | None = None,
+    nonlocal_mode: str = "embedded_gaussian",
+    frozen_bn: bool = False,
+    trainable_backbone_layers: int | None = None,
+    **kwargs,
+) -> MaskRCNN | KeypointRCNN:
+    """Build a torchvision detector with the paper's non-local blocks.
+
+    The network is what torchvision's builder makes (``resnet_fpn_backbone`` + ``MaskRCNN``/``KeypointRCNN``),
+    without downloading anything: weights come through :func:`load_detector_state_dict` or
+    :func:`load_backbone_state_dict`.
+
+    Args:
+        name: one of :func:`available`.
+        num_classes: classes including background; torchvision's default (91, or 2 for keypoints) if None.
+        nonlocal_backbone: put one block before the last residual block of res4.
+        nonlocal_head: put four blocks in the keypoint head, one after every two convolutions; defaults to
+            True for the keypoint model; True for a Mask R-CNN is a ValueError (the paper has no such model).
+        nonlocal_mode: the block's pairwise function ("embedded_gaussian", "gaussian", "dot_product",
+            "concatenation"). Sub-sampling is the paper's 2x2 max-pool, the block's BN starts at γ = 0.
+        frozen_bn: use torchvision's ``FrozenBatchNorm2d`` in the backbone, as torchvision does when it starts
+            from pre-trained weights; plain trainable BN otherwise (training from scratch).
+        trainable_backbone_layers: how many of torchvision's five backbone stages train (0-5); 3 with frozen
+            BN, 5 otherwise, as in torchvision. The non-local blocks always train.
+        **kwargs: passed to ``MaskRCNN``/``KeypointRCNN`` (``min_size``, ``max_size``, ``num_keypoints``,
+            ``box_detections_per_img``, ...).
+
+    Returns:
+        The detector. In training ``model(images, targets)`` returns the loss dict; in evaluation it returns
+        one dict per image with boxes (N, 4), labels (N,), scores (N,) and masks (N, 1, H, W) or keypoints
+        (N, K, 3).
+    """
+    spec = preset(name)
+    if nonlocal_head is None:
+        nonlocal_head = spec.kind == "keypoint"
+    if nonlocal_head and spec.kind != "keypoint":
+        raise ValueError(
+            f"nonlocal_head applies to the keypoint head; {name!r} has none (got nonlocal_head=True)"
+        )
+    if trainable_backbone_layers is None:
+        trainable_backbone_layers = 3 if frozen_bn else 5
+    if not 0 <= trainable_backbone_layers <= 5:
+        raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
+    if num_classes is None:
+        num_classes = spec.default_num_classes
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+
+    backbone = resnet_fpn_backbone(
+        backbone_name=f"resnet{spec.depth}",
+        weights=None,
+        norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
+        trainable_layers=trainable_backbone_layers,
+    )
+    detector_class = MaskRCNN if spec.kind == "mask" else KeypointRCNN
+    model = detector_class(backbone, num_classes=num_classes, **kwargs)
+
+    if nonlocal_backbone:
+        body = model.backbone.body
+        res4 = body["layer3"]
+        if len(res4) != spec.res4_blocks:
+            raise RuntimeError(
+                f"torchvision's res4 has {len(res4)} blocks, the preset expects {spec.res4_blocks}"
+            )
+        channels = res4[-1].conv3.out_channels
+        body["layer3"] = _insert_after(
+            res4, {spec.backbone_nonlocal_after: _make_block(channels, nonlocal_mode)}
+        )
+    if nonlocal_head:
+        head = model.roi_heads.keypoint_head
+        convs = [index for index, module in enumerate(head) if isinstance(module, nn.Conv2d)]
+        blocks = {}
+        for conv_number in spec.head_nonlocal_after_convs:
+            conv_index = convs[conv_number - 1]
+            # the block reads the conv's activated output, so it follows the ReLU right after the conv
+            blocks[conv_index + 1] = _make_block(head[conv_index].out_channels, nonlocal_mode)
+        model.roi_heads.keypoint_head = _insert_after(head, blocks)
+    return model
+
+
+def nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
+    """The non-local blocks of ``model`` by qualified module name, in forward order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, NonLocalBlock)}
+
+
+@dataclass
+class LoadReport:
+    """What a state-dict load left at initialisation.
+
+    Attributes:
+        missing_nonlocal: parameters/buffers of non-local blocks absent from the file (identity init kept).
+        skipped_mismatched: keys present in both whose shapes differ, left at init (``skip_mismatched=True``).
+    """
+
+    missing_nonlocal: list[str]
+    skipped_mismatched: list[str]
+
+
+def load_detector_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, skip_mismatched: bool = False
+) -> LoadReport:
+    """Load a torchvision-format detector state dict (e.g. a COCO-trained Mask R-CNN) into ``model``.
+
+    Matching is strict except for the non-local blocks, which keep their identity initialisation, and BN
+    ``num_batches_tracked`` counters (absent from frozen-BN files).
+
+    Args:
+        model: a detector from :func:`create` (with or without non-local blocks).
+        state_dict: the torchvision detector's ``state_dict()``.
+        skip_mismatched: leave keys whose shape differs at init (a predictor trained for another number of
+            classes or keypoints) instead of raising.
+
+    Returns:
+        A :class:`LoadReport`.
+
+    Raises:
+        ValueError: keys that the model lacks, model keys missing from the file (other than the above), or
+            shape mismatches when ``skip_mismatched`` is False.
+    """
+    own = model.state_dict()
+    mismatched = sorted(k for k, v in state_dict.items() if k in own and own[k].shape != v.shape)
+    if mismatched and not skip_mismatched:
+        shapes = ", ".join(
+            f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched
+        )
+        raise ValueError(
+            f"shape mismatch for {len(mismatched)} keys ({shapes}); pass skip_mismatched=True to skip"
+        )
+    to_load = {k: v for k, v in state_dict.items() if k not in mismatched}
+    result = model.load_state_dict(to_load, strict=False)
+    missing_nonlocal = [k for k in result.missing_keys if _is_nonlocal_key(k)]
+    missing_other = [
+        k
+        for k in result.missing_keys
+        if not _is_nonlocal_key(k) and not k.endswith("num_batches_tracked") and k not in mismatched
+    ]
+    if result.unexpected_keys or missing_other:
+        raise ValueError(
+            "state dict does not match the detector: "
+            f"unexpected keys {result.unexpected_keys[:10]} ({len(result.unexpected_keys)} in all), "
+            f"missing keys {missing_other[:10]} ({len(missing_other)} in all)"
+        )
+    return LoadReport(missing_nonlocal=missing_nonlocal, skipped_mismatched=mismatched)
+
+
+def load_backbone_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+    """Load a torchvision-format ImageNet ResNet state dict (``resnet50().state_dict()``) into the backbone.
+
+    The classifier (``fc.*``) is dropped; everything else must match the backbone body key for key, apart from
+    the non-local blocks and BN counters.
+
+    Args:
+        model: a detector from :func:`create`.
+        state_dict: the ResNet's ``state_dict()``.
+
+    Returns:
+        A :class:`LoadReport` whose ``missing_nonlocal`` lists the backbone block's keys.
+
+    Raises:
+        ValueError: keys that do not belong to the backbone, or backbone keys missing from the file.
+    """
+    body = model.backbone.body
+    own = body.state_dict()
+    # torchvision's ResNet keeps fc after layer4, the FPN body stops at layer4; frozen BN keeps no counters
+    backbone_state = {
+        k: v
+        for k, v in state_dict.items()
+        if not k.startswith("fc.") and not (k.endswith("num_batches_tracked") and k not in own)
+    }
+    unexpected = sorted(k for k in backbone_state if k not in own)
+    mismatched = sorted(k for k in backbone_state if k in own and own[k].shape != backbone_state[k].shape)
+    missing = sorted(
+        k
+        for k in own
+        if k not in backbone_state and not _is_nonlocal_key(k) and not k.endswith("num_batches_tracked")
+    )
+    if unexpected or missing or mismatched:
+        raise ValueError(
+            "not a torchvision ResNet state dict for this backbone: "
+            f"unexpected {unexpected[:10]}, missing {missing[:10]}, shape mismatch {mismatched[:10]}"
+        )
+    body.load_state_dict(backbone_state, strict=False)
+    missing_nonlocal = [f"backbone.body.{k}" for k in own if _is_nonlocal_key(k)]
+    return LoadReport(missing_nonlocal=missing_nonlocal, skipped_mismatched=[])
+
+
+def _make_block(channels: int, mode: str) -> NonLocalBlock:
+    return NonLocalBlock(channels, dim=2, mode=mode, pool="default", norm="bn")
+
+
+def _is_nonlocal_key(key: str) -> bool:
+    return any(part.startswith(NONLOCAL_PREFIX) for part in key.split("."))
+
+
+def _insert_after(sequence: nn.Sequential, blocks: Mapping[int, nn.Module]) -> nn.Sequential:
+    """A copy of ``sequence`` with ``blocks[i]`` after child ``i``; original children keep their names."""
+    children: OrderedDict[str, nn.Module] = OrderedDict()
+    for index, (child_name, child) in enumerate(sequence.named_children()):
+        children[child_name] = child
+        if index in blocks:
+            children[f"{NONLOCAL_PREFIX}{child_name}"] = blocks[index]
+    if len(children) != len(sequence) + len(blocks):
+        raise ValueError(f"positions {sorted(blocks)} outside a sequence of {len(sequence)} modules")
+    return nn.Sequential(children)
