@@ -1,0 +1,210 @@
+"""`create(name, **overrides)` and `available()`: the one builder that turns a preset row into a network."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from nlnet.layers import NonLocalBlock
+from nlnet.models.presets import CLIPS, INFLATIONS, PRESETS, STAGE_BLOCKS, resolve_nonlocal_positions
+from nlnet.models.resnet3d import ResNet3d
+
+logger = logging.getLogger(__name__)
+
+NONLOCAL_MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+NONLOCAL_EXTENTS = ("spacetime", "space", "time")
+NONLOCAL_NORMS = ("bn", None)
+
+_DEFAULTS = {
+    "stage_blocks": None,
+    "base_width": 64,
+    "nonlocal_blocks": "preset",
+    "nonlocal_mode": "embedded_gaussian",
+    "nonlocal_extent": "spacetime",
+    "nonlocal_norm": "bn",
+    "nonlocal_pool": (1, 2, 2),
+    "clip": "32x2",
+    "dropout": 0.5,
+    "pretrained_2d": None,
+}
+
+
+def available() -> list[str]:
+    """Names accepted by `create`, sorted."""
+    return sorted(PRESETS)
+
+
+def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
+    """Build one of the paper's video models.
+
+    Args:
+        name: one of `available()`: c2d_r50, c2d_r101, i3d_r50, i3d_r101 (I3D3x1x1), i3d3x3x3_r50,
+            i3d3x3x3_r101, nl_c2d_r50, nl_c2d_r101, nl_i3d_r50, nl_i3d_r101 (5 non-local blocks).
+        num_classes: classifier outputs (400 for Kinetics-400).
+        **overrides: any of
+            stage_blocks: blocks per res2..res5 (default from the depth: (3, 4, 6, 3) or (3, 4, 23, 3)).
+            base_width: stem width, stage widths scale with it (default 64).
+            nonlocal_blocks: None/"0", "1", "5", "10", "res2".."res5", or {stage: [block indices]}
+                (default: the preset's, "5" for nl_* and none otherwise).
+            nonlocal_mode: "gaussian", "embedded_gaussian" (default), "dot_product", "concatenation".
+            nonlocal_extent: "spacetime" (default), "space", "time".
+            nonlocal_norm: "bn" (default) or None.
+            nonlocal_pool: max-pool kernel for keys/values, default (1, 2, 2); None turns it off.
+            clip: "32x2" (default, the paper's stem) or "8x8" (temporal stride 1 stem).
+            dropout: dropout before the classifier (default 0.5).
+            pretrained_2d: path to a torchvision-format 2D ResNet state dict to inflate into the model.
+
+    Returns:
+        The network in training mode; forward (B, 3, T, H, W) -> (B, num_classes).
+
+    Raises:
+        ValueError: on an unknown name, override or override value.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    unknown = sorted(set(overrides) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown overrides {unknown}; allowed: {', '.join(_DEFAULTS)}")
+    options = {**_DEFAULTS, **overrides}
+    preset = PRESETS[name]
+
+    stage_blocks = tuple(options["stage_blocks"] or STAGE_BLOCKS[preset.depth])
+    if len(stage_blocks) != 4 or any(int(blocks) < 1 for blocks in stage_blocks):
+        raise ValueError(f"stage_blocks must be 4 positive block counts (res2..res5), got {stage_blocks}")
+    if int(options["base_width"]) < 2:
+        raise ValueError(f"base_width must be an integer >= 2, got {options['base_width']!r}")
+    if options["clip"] not in CLIPS:
+        raise ValueError(f"clip must be one of {sorted(CLIPS)}, got {options['clip']!r}")
+    if not 0.0 <= float(options["dropout"]) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {options['dropout']!r}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes!r}")
+    for key, allowed in (
+        ("nonlocal_mode", NONLOCAL_MODES),
+        ("nonlocal_extent", NONLOCAL_EXTENTS),
+        ("nonlocal_norm", NONLOCAL_NORMS),
+    ):
+        if options[key] not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {options[key]!r}")
+
+    layout = preset.nonlocal_blocks if options["nonlocal_blocks"] == "preset" else options["nonlocal_blocks"]
+    inflation = INFLATIONS[preset.inflation]
+    pool = options["nonlocal_pool"]
+    model = ResNet3d(
+        stage_blocks=stage_blocks,
+        base_width=int(options["base_width"]),
+        stem_kernel=inflation.stem,
+        first_kernels=inflation.kernels("first_conv", stage_blocks),
+        middle_kernels=inflation.kernels("middle_conv", stage_blocks),
+        clip=CLIPS[options["clip"]],
+        nonlocal_positions=resolve_nonlocal_positions(layout, preset.depth, stage_blocks),
+        nonlocal_options={
+            "dim": 3,
+            "mode": options["nonlocal_mode"],
+            "extent": options["nonlocal_extent"],
+            "norm": options["nonlocal_norm"],
+            "pool": tuple(pool) if pool is not None else None,
+            "pool_position": "before",
+            "scale": True,
+        },
+        num_classes=int(num_classes),
+        dropout=float(options["dropout"]),
+    )
+    if options["pretrained_2d"] is not None:
+        from nlnet.weights.inflate import load_2d
+
+        report = load_2d(model, os.fspath(options["pretrained_2d"]))
+        logger.info("%s from %s: %s", name, options["pretrained_2d"], report.summary())
+    return model
+
+
+def nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
+    """The non-local blocks of ``model`` by qualified name ("res3.1.nonlocal_block"), in forward order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, NonLocalBlock)}
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    # FlopCounterMode counts the CUDA attention kernels but not the CPU flash kernel that
+    # scaled_dot_product_attention uses on the CPU: (B, H, N, d) queries, (B, H, M, d) keys, (B, H, M, dv)
+    # values -> q·kᵀ (N·M·d MACs) plus weights·v (N·M·dv MACs), 2 FLOPs per MAC.
+    batch, heads, queries, head_dim = query_shape
+    keys, value_dim = key_shape[2], value_shape[3]
+    return 2 * batch * heads * queries * keys * (head_dim + value_dim)
+
+
+_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Size and cost of one model on one clip shape.
+
+    Attributes:
+        name: the preset name.
+        params: number of parameters.
+        macs: multiply-adds of one forward pass (FLOPs / 2, as the paper counts), convolutions, fc and the
+            non-local matrix products; batch norm, pooling and softmax are not counted.
+        input_shape: (C, T, H, W) of the clip.
+        nonlocal_inputs: {qualified block name: (C, T, H, W) of its input}, in forward order.
+    """
+
+    name: str
+    params: int
+    macs: int
+    input_shape: tuple[int, ...]
+    nonlocal_inputs: dict[str, tuple[int, ...]]
+
+    def summary(self) -> str:
+        """Human-readable lines: parameters, GMACs and where each non-local block sits."""
+        clip = "x".join(str(size) for size in self.input_shape)
+        lines = [
+            f"model       {self.name}",
+            f"parameters  {self.params / 1e6:.2f}M ({self.params:,})",
+            f"GMACs       {self.macs / 1e9:.2f} per {clip} clip (FLOPs / 2)",
+            f"non-local   {len(self.nonlocal_inputs)} block(s)",
+        ]
+        for block, shape in self.nonlocal_inputs.items():
+            position = block.removesuffix(".nonlocal_block").replace(".", " after block ", 1)
+            lines.append(f"  {position:<24} input {'x'.join(str(size) for size in shape)}")
+        return "\n".join(lines)
+
+
+def describe(
+    name: str, num_classes: int = 400, input_shape: tuple[int, ...] = (3, 32, 224, 224), **overrides
+) -> ModelInfo:
+    """Count parameters and multiply-adds of a model without computing anything.
+
+    The model and a clip of ``input_shape`` are fake tensors (shapes only), so this takes about a second even
+    for R101 on a 32 x 224 x 224 clip; `torch.utils.flop_counter.FlopCounterMode` counts the FLOPs.
+
+    Args:
+        name: a name from `available()`.
+        num_classes: classifier outputs.
+        input_shape: (C, T, H, W) of one clip; batch 1.
+        **overrides: as for `create`, except pretrained_2d.
+
+    Returns:
+        The counts and the non-local block positions.
+    """
+    if overrides.get("pretrained_2d") is not None:
+        raise ValueError("describe counts an uninitialised model; pretrained_2d makes no difference to it")
+    inputs: dict[str, tuple[int, ...]] = {}
+    # Fake tensors carry shapes and the real device (so the same kernels are dispatched as on the CPU) but no
+    # data: nothing is allocated or computed.
+    with FakeTensorMode():
+        model = create(name, num_classes, **overrides).eval()
+        for key, block in nonlocal_blocks(model).items():
+            block.register_forward_pre_hook(
+                lambda module, args, key=key: inputs.__setitem__(key, tuple(args[0].shape[1:]))
+            )
+        clip = torch.empty(1, *input_shape)
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+            model(clip)
+        params = sum(parameter.numel() for parameter in model.parameters())
+    return ModelInfo(name, params, counter.get_total_flops() // 2, tuple(input_shape), inputs)
