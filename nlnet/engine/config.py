@@ -1,0 +1,196 @@
+"""Training and testing configuration: a schema of defaults, YAML recipes and dotted ``key=value`` overrides.
+
+A recipe file may name other recipe files it builds on with ``_base_`` (a path relative to the file, or a
+list of them); they are merged first, in order, then the file itself, then the command-line overrides. The
+schema below is the complete set of keys: a misspelt key in a file or an override is an error, not a silently
+ignored setting. ``model.overrides`` is the one open mapping; it is forwarded to ``nlnet.models.create``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["DEFAULTS", "load_config", "validate_config"]
+
+DEFAULTS: dict[str, Any] = {
+    # Seed of everything random: sampler order, augmentation, initialisation, dropout.
+    "seed": 0,
+    # Checkpoints, metrics.jsonl, TensorBoard events and test results go here.
+    "output_dir": "runs/default",
+    "model": {
+        "name": "nl_i3d_r50",
+        "num_classes": "${data.num_classes}",
+        # Dropout after global pooling (paper: 0.5).
+        "dropout": 0.5,
+        # ImageNet 2D weights to inflate (forwarded to nlnet.models.create as ``pretrained_2d``).
+        "pretrained_2d": None,
+        # A checkpoint to start from: an nlnet checkpoint or a converted official state dict. Tensors whose
+        # shape differs (e.g. a 400-way classifier when fine-tuning to 157 classes) are left at their init.
+        "checkpoint": None,
+        # BN as a frozen affine transform (long-clip recipe): eval-mode BN, parameters not trained.
+        "freeze_bn": False,
+        # Synchronised BN across processes; CUDA only. The paper keeps BN statistics per device.
+        "sync_bn": False,
+        # Any other keyword argument of nlnet.models.create (e.g. nonlocal_norm: null, stage_blocks).
+        "overrides": {},
+    },
+    # Passed to nlnet.data.build_dataset unchanged.
+    "data": {
+        "format": "kinetics_csv",
+        "root": "data/kinetics",
+        "train_list": "train.csv",
+        "val_list": "val.csv",
+        "test_list": "val.csv",
+        "num_classes": 400,
+        "multi_label": False,
+        "num_frames": 32,
+        "sampling_rate": 2,
+        "train_jitter_scales": [256, 320],
+        "train_crop": 224,
+        "test_scale": 256,
+        "test_crop": 256,
+        "test_clips": 10,
+        "test_crops": 3,
+        # Pixel units, RGB: (x - 114.75) / 57.375 as in the official code.
+        "mean": [114.75, 114.75, 114.75],
+        "std": [57.375, 57.375, 57.375],
+        # Validation during training: "center" (one middle clip, centre crop) or "train_like" (the training
+        # augmentation, as in the paper's curves).
+        "val_mode": "center",
+        # Class names in index order; null: the sorted names found in the training annotations.
+        "class_names": None,
+    },
+    "train": {
+        # Global batch (all processes together); each process takes batch_size / world_size clips.
+        "batch_size": 64,
+        "max_iter": 400000,
+        "base_lr": 0.01,
+        # steps_with_relative_lrs: from iteration steps[i] on, lr = base_lr * lrs[i].
+        "steps": [0, 150000, 300000],
+        "lrs": [1.0, 0.1, 0.01],
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 1e-4,
+        # BN gamma/beta; every other parameter (NL conv biases and the fc bias too) gets weight_decay.
+        "weight_decay_bn": 0.0,
+        # Re-estimate BN statistics over this many training batches before each checkpoint and evaluation.
+        "precise_bn": True,
+        "precise_bn_batches": 200,
+        "checkpoint_period": 5000,
+        # Keep the newest N periodic checkpoints (0 keeps all).
+        "keep_checkpoints": 3,
+        # Evaluate on data.val_list every N iterations (0: never during training).
+        "eval_period": 0,
+        "log_period": 20,
+        # Autocast dtype on CUDA: null (float32), bf16 or fp16 (fp16 adds a gradient scaler).
+        "amp": None,
+        "num_workers": 4,
+        "tensorboard": True,
+    },
+    "test": {
+        # Videos per batch; each video is test_clips x test_crops views.
+        "batch_size": 1,
+        "num_workers": 4,
+    },
+}
+
+_OPEN_NODES = ("model.overrides",)
+
+
+def _schema() -> DictConfig:
+    schema = OmegaConf.create(DEFAULTS)
+    OmegaConf.set_struct(schema, True)
+    for key in _OPEN_NODES:
+        OmegaConf.set_struct(OmegaConf.select(schema, key), False)
+    return schema
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ValueError(f"config inheritance cycle: {chain}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    loaded = OmegaConf.load(path)
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(loaded).__name__}")
+    bases = loaded.pop("_base_", None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    elif not isinstance(bases, ListConfig):
+        raise ValueError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
+    merged = OmegaConf.create()
+    for base in bases:
+        merged = OmegaConf.merge(merged, _read_with_bases(path.parent / str(base), (*seen, path)))
+    return OmegaConf.merge(merged, loaded)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Loads a recipe: schema defaults, then the YAML file (and its ``_base_`` files), then overrides.
+
+    Args:
+        path: YAML recipe, or None for the defaults alone.
+        overrides: dotted ``key=value`` strings, e.g. ``["train.max_iter=100", "data.root=/data/k400"]``;
+            values are parsed as YAML (``null``, numbers, ``[1,2]``).
+
+    Returns:
+        The merged configuration, struct-mode (unknown keys raise), validated by :func:`validate_config`.
+
+    Raises:
+        ValueError: an override is not ``key=value``, a key is not in the schema, or a value is invalid.
+    """
+    cfg = _schema()
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ValueError(f"override must look like key=value (e.g. train.max_iter=100), got {item!r}")
+    try:
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, _read_with_bases(Path(path)))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ValueError(f"invalid configuration ({path}): {err}") from err
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks values the schema's types cannot, so that a bad recipe fails before any data is read.
+
+    Raises:
+        ValueError: naming the key, what is allowed and what was given.
+    """
+    train = cfg.train
+    if int(train.batch_size) < 1:
+        raise ValueError(f"train.batch_size must be >= 1, got {train.batch_size}")
+    if int(train.max_iter) < 1:
+        raise ValueError(f"train.max_iter must be >= 1, got {train.max_iter}")
+    steps, lrs = list(train.steps), list(train.lrs)
+    if len(steps) != len(lrs) or not steps:
+        raise ValueError(
+            f"train.steps and train.lrs must have the same non-zero length, got {steps} and {lrs}"
+        )
+    if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise ValueError(f"train.steps must start at 0 and increase strictly, got {steps}")
+    if train.amp not in (None, "bf16", "fp16"):
+        raise ValueError(f"train.amp must be null, 'bf16' or 'fp16', got {train.amp!r}")
+    for key in ("checkpoint_period", "eval_period", "log_period", "precise_bn_batches", "keep_checkpoints"):
+        if int(train[key]) < 0:
+            raise ValueError(f"train.{key} must be >= 0, got {train[key]}")
+    if int(train.checkpoint_period) == 0:
+        raise ValueError("train.checkpoint_period must be >= 1 (a checkpoint is also written at the end)")
+    if int(train.log_period) == 0:
+        raise ValueError("train.log_period must be >= 1")
+    if cfg.model.freeze_bn and train.precise_bn:
+        raise ValueError("model.freeze_bn=true keeps BN statistics fixed; set train.precise_bn=false with it")
+    if int(cfg.test.batch_size) < 1:
+        raise ValueError(f"test.batch_size must be >= 1, got {cfg.test.batch_size}")

@@ -1,0 +1,91 @@
+"""The paper's optimiser and learning-rate schedule.
+
+SGD with Nesterov momentum 0.9 and coupled L2 weight decay 1e-4 on every trainable parameter except BN's
+gamma and beta (the official ``WEIGHT_DECAY_BN 0.0``); the non-local convs' biases and the classifier bias do
+get decay. The schedule is the official ``steps_with_relative_lrs``: a piecewise-constant multiple of the base
+rate, switching at given iterations, stepped once per iteration.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["RelativeStepSchedule", "build_optimizer", "build_scheduler", "split_weight_decay"]
+
+
+def split_weight_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters split into (BN gamma/beta, everything else).
+
+    BN parameters are found by module type, not by name, so a renamed layer cannot slip into the wrong group.
+    """
+    bn_ids = {
+        id(p) for m in model.modules() if isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)
+    }
+    bn, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (bn if id(p) in bn_ids else rest).append(p)
+    return bn, rest
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    base_lr: float,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 1e-4,
+    weight_decay_bn: float = 0.0,
+) -> torch.optim.SGD:
+    """SGD over the trainable parameters with separate weight decay for BN parameters.
+
+    Args:
+        model: the network (unwrapped).
+        base_lr: learning rate before the schedule's multiplier.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum (official: True).
+        weight_decay: L2 coefficient for all non-BN parameters, biases included.
+        weight_decay_bn: L2 coefficient for BN gamma and beta (official: 0).
+    """
+    bn, rest = split_weight_decay(model)
+    if not bn and not rest:
+        raise ValueError("the model has no trainable parameters")
+    groups = [
+        {"params": rest, "weight_decay": weight_decay, "name": "decay"},
+        {"params": bn, "weight_decay": weight_decay_bn, "name": "bn"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=nesterov, dampening=0.0)
+
+
+class RelativeStepSchedule:
+    """Learning-rate multiplier ``lrs[i]`` from iteration ``steps[i]`` until ``steps[i + 1]``.
+
+    Args:
+        steps: iterations where each phase begins; starts at 0, strictly increasing.
+        lrs: multiplier of the base rate in each phase, e.g. [1, 0.1, 0.01].
+    """
+
+    def __init__(self, steps: Sequence[int], lrs: Sequence[float]) -> None:
+        steps, lrs = [int(s) for s in steps], [float(v) for v in lrs]
+        if len(steps) != len(lrs) or not steps:
+            raise ValueError(f"steps and lrs must have the same non-zero length, got {steps} and {lrs}")
+        if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError(f"steps must start at 0 and increase strictly, got {steps}")
+        self.steps = steps
+        self.lrs = lrs
+
+    def __call__(self, iteration: int) -> float:
+        return self.lrs[bisect.bisect_right(self.steps, iteration) - 1]
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, steps: Sequence[int], lrs: Sequence[float]
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration scheduler applying :class:`RelativeStepSchedule` to every parameter group."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, RelativeStepSchedule(steps, lrs))
