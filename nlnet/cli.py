@@ -96,6 +96,83 @@ def _cmd_test(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _cmd_info(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "info",
+        help="parameters, multiply-adds and non-local block positions of a video model",
+        description="Counts parameters and multiply-adds (FLOPs / 2, torch.utils.flop_counter) of one clip "
+        "without computing anything. NAME 'all' prints a table of every model.",
+    )
+    parser.add_argument("name", metavar="NAME", help="a model name (see nlnet.models.available()) or 'all'")
+    parser.add_argument("--input", default="3x32x224x224", metavar="CxTxHxW", help="clip shape, batch 1")
+    parser.add_argument("--num-classes", type=int, default=400)
+    parser.add_argument("--clip", choices=("32x2", "8x8"), default="32x2", help="stem variant")
+    parser.add_argument("--nonlocal-blocks", help="override: 0, 1, 5, 10 or res2..res5")
+
+    def run(args: argparse.Namespace) -> int:
+        from nlnet.models import available, describe
+
+        try:
+            shape = tuple(int(size) for size in args.input.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) != 4:
+            parser.error(f"--input must look like 3x32x224x224, got {args.input!r}")
+        overrides = {"clip": args.clip}
+        if args.nonlocal_blocks is not None:
+            overrides["nonlocal_blocks"] = args.nonlocal_blocks
+        if args.name != "all":
+            print(describe(args.name, args.num_classes, shape, **overrides).summary())
+            return 0
+        print(f"{'model':<16}{'params':>10}{'GMACs':>9}{'NL':>4}")
+        for name in available():
+            info = describe(name, args.num_classes, shape, **overrides)
+            blocks = len(info.nonlocal_inputs)
+            print(f"{name:<16}{info.params / 1e6:>9.2f}M{info.macs / 1e9:>9.2f}{blocks:>4}")
+        return 0
+
+    parser.set_defaults(func=run)
+
+
+def _cmd_convert(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="official Caffe2 model-zoo .pkl <-> nlnet .pt",
+        description="nlnet convert caffe2 IN.pkl OUT.pt --model NAME   (import; the pickle is read without "
+        "running any code)\nnlnet convert --to caffe2 IN.pt OUT.pkl   (export an nlnet model)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "paths", nargs="+", metavar="ARG", help="caffe2 IN.pkl OUT.pt | IN.pt OUT.pkl (with --to caffe2)"
+    )
+    parser.add_argument("--to", choices=("pytorch", "caffe2"), default="pytorch", help="target format")
+    parser.add_argument("--model", help="model name the .pkl was trained as (import only), e.g. nl_i3d_r50")
+    parser.add_argument("--nonlocal-norm", choices=("bn", "none"), help="default: detected from the file")
+
+    def run(args: argparse.Namespace) -> int:
+        from nlnet.weights import convert_caffe2, export_caffe2
+
+        if args.to == "caffe2":
+            if len(args.paths) != 2:
+                parser.error(f"--to caffe2 takes IN.pt OUT.pkl, got {args.paths}")
+            names = export_caffe2(args.paths[0], args.paths[1])
+            print(f"wrote {len(names)} blobs to {args.paths[1]}")
+            return 0
+        if len(args.paths) != 3 or args.paths[0] != "caffe2":
+            parser.error(f"import takes: caffe2 IN.pkl OUT.pt --model NAME, got {args.paths}")
+        if args.model is None:
+            parser.error("--model NAME is required to import a Caffe2 file")
+        overrides = {}
+        if args.nonlocal_norm is not None:
+            overrides["nonlocal_norm"] = None if args.nonlocal_norm == "none" else "bn"
+        report = convert_caffe2(args.paths[1], args.paths[2], args.model, **overrides)
+        print(report.summary())
+        print(f"wrote {args.paths[2]}")
+        return 0
+
+    parser.set_defaults(func=run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)

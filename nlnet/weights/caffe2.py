@@ -251,8 +251,9 @@ def convert_caffe2(
 
     Args:
         in_path: the Caffe2 pickle.
-        out_path: where to write ``{"format", "model", "num_classes", "overrides", "state_dict", "missing"}``
-            (read it back with `load_converted` or ``torch.load(weights_only=True)``).
+        out_path: where to write ``{"model": state dict, "arch": model, "num_classes", "overrides",
+            "missing", "format"}``, the layout of an nlnet checkpoint (read it back with `load_converted`, the
+            training engine's ``model.checkpoint``, or ``torch.load(weights_only=True)``).
         model: a name from ``nlnet.models.available()``.
         **overrides: passed to ``nlnet.models.create`` (for example ``nonlocal_blocks``).
 
@@ -279,10 +280,10 @@ def convert_caffe2(
     report.notes = notes + report.notes
     payload = {
         "format": "nlnet.caffe2",
-        "model": model,
+        "model": network.state_dict(),
+        "arch": model,
         "num_classes": num_classes,
         "overrides": overrides,
-        "state_dict": network.state_dict(),
         "missing": list(report.missing),
     }
     _atomic_write(out_path, lambda stream: torch.save(payload, stream))
@@ -303,16 +304,19 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
     payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != "nlnet.caffe2":
         raise ValueError(f"{os.fspath(path)} was not written by nlnet convert caffe2")
-    network = create(payload["model"], num_classes=payload["num_classes"], **payload["overrides"])
-    network.load_state_dict(payload["state_dict"])
+    network = create(payload["arch"], num_classes=payload["num_classes"], **payload["overrides"])
+    network.load_state_dict(payload["model"])
     return network.eval()
 
 
-def export_caffe2(source: nn.Module | Mapping[str, torch.Tensor], out_path: str | os.PathLike) -> list[str]:
-    """Write a ResNet3d (or its state dict) as an official-style Caffe2 pickle ``{'blobs': {name: array}}``.
+def export_caffe2(
+    source: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str | os.PathLike
+) -> list[str]:
+    """Write a ResNet3d (or its weights) as an official-style Caffe2 pickle ``{'blobs': {name: array}}``.
 
     Args:
-        source: the model or its state dict.
+        source: the model, its state dict, or a ``.pt`` file holding a state dict or an nlnet checkpoint
+            (``{"model": state dict, ...}``, as `convert_caffe2` and the training engine write).
         out_path: the ``.pkl`` to write (atomically).
 
     Returns:
@@ -321,7 +325,16 @@ def export_caffe2(source: nn.Module | Mapping[str, torch.Tensor], out_path: str 
     Raises:
         ValueError: a tensor has no Caffe2 name (e.g. a concatenation-mode non-local block).
     """
-    state = source.state_dict() if isinstance(source, nn.Module) else source
+    if isinstance(source, nn.Module):
+        state = source.state_dict()
+    elif isinstance(source, Mapping):
+        state = source
+    else:
+        state = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{os.fspath(source)}: expected a state dict or a checkpoint with 'model'")
     blobs: dict[str, np.ndarray] = {}
     for key, tensor in state.items():
         if key.endswith("num_batches_tracked"):
