@@ -1,0 +1,40 @@
+"""Video files to clips: PyAV decoding, the paper's clip sampling and transforms, datasets, loaders."""
+
+from nlnet.data.datasets import (
+    ANNOTATION_FORMATS,
+    AnnotationError,
+    VideoClipDataset,
+    VideoRecord,
+    build_dataset,
+    build_loader,
+    class_names_in,
+    collate_clips,
+    read_annotations,
+)
+from nlnet.data.transforms import EvalViews, TrainAugment
+from nlnet.data.video import (
+    VideoDecodeError,
+    center_clip_indices,
+    decode_frames,
+    eval_clip_indices,
+    train_clip_indices,
+)
+
+__all__ = [
+    "ANNOTATION_FORMATS",
+    "AnnotationError",
+    "EvalViews",
+    "TrainAugment",
+    "VideoClipDataset",
+    "VideoDecodeError",
+    "VideoRecord",
+    "build_dataset",
+    "build_loader",
+    "center_clip_indices",
+    "class_names_in",
+    "collate_clips",
+    "decode_frames",
+    "eval_clip_indices",
+    "read_annotations",
+    "train_clip_indices",
+]

