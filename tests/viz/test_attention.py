@@ -1,0 +1,178 @@
+"""Attention maps of hand-built non-local blocks whose attention is known by construction.
+
+Each test model feeds its block one-hot position codes at a fixed feature grid, whatever the frames are; the
+frame size alone sets the stride. θ sends every query's code to the code of a chosen target position and φ is
+the identity, so with a large code amplitude each query puts (almost) all its weight on the key cell whose
+pooling window contains its target. The expected pixel centres below are written out from the pixel ranges
+each key cell covers, not from the library's formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from nlnet import NonLocalBlock
+from nlnet.viz import attention_map, block_attention, query_dependence, save_attention
+
+AMPLITUDE = 30.0
+
+
+class CodedBlockModel(nn.Module):
+    """Frames -> fixed one-hot codes on ``grid`` -> one non-local block -> a scalar."""
+
+    def __init__(self, grid: tuple[int, ...], targets: dict[int, int] | None, pool, pool_position="before"):
+        super().__init__()
+        positions = math.prod(grid)
+        self.grid = grid
+        codes = torch.eye(positions).reshape(1, positions, *grid) * AMPLITUDE
+        self.register_buffer("codes", codes)
+        self.block = NonLocalBlock(
+            positions, positions, dim=len(grid), pool=pool, pool_position=pool_position, norm=None
+        )
+        with torch.no_grad():
+            theta = torch.zeros(positions, positions)
+            for source, target in (targets or {}).items():
+                theta[target, source] = 1.0
+            self.block.theta.weight.copy_(theta.reshape(self.block.theta.weight.shape))
+            self.block.theta.bias.zero_()
+            self.block.phi.weight.copy_(torch.eye(positions).reshape(self.block.phi.weight.shape))
+            self.block.phi.bias.zero_()
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.block(self.codes.expand(frames.shape[0], *self.codes.shape[1:])).mean()
+
+
+def flat(position: tuple[int, ...], grid: tuple[int, ...]) -> int:
+    return int(np.ravel_multi_index(position, grid))
+
+
+def midpoint(first: int, last: int) -> float:
+    return (first + last) / 2
+
+
+@pytest.mark.parametrize("pool_position", ["before", "after"])
+def test_3d_pooled_top_key_pixel_centre(pool_position):
+    # Features (T, H, W) = (2, 4, 4) from 8 frames of 32x32: a feature cell is 4 frames x 8 x 8 pixels.
+    # Keys pooled (1, 2, 2): key grid (2, 2, 2), a key cell is 4 frames x 16 x 16 pixels.
+    grid = (2, 4, 4)
+    query_cell, target = (1, 2, 0), (0, 1, 3)
+    model = CodedBlockModel(grid, {flat(query_cell, grid): flat(target, grid)}, (1, 2, 2), pool_position)
+    frames = torch.zeros(1, 3, 8, 32, 32)
+    # Frame 5 is in time cell 1, row 20 in row cell 2, column 3 in column cell 0.
+    amap = attention_map(model, frames, query=(5, 20, 3), block="block")
+
+    assert amap.query_cell == query_cell
+    assert amap.weights.shape == (2, 2, 2)
+    assert np.unravel_index(amap.weights.argmax(), amap.weights.shape) == (0, 0, 1)
+    assert amap.weights.max() > 0.999
+    weight, center = amap.top_keys(1)[0]
+    # Target (0, 1, 3) lies in key (0, 0, 1): frames 0..3, rows 0..15, columns 16..31.
+    assert center == pytest.approx((midpoint(0, 3), midpoint(0, 15), midpoint(16, 31)))
+    assert weight == pytest.approx(float(amap.weights.max()))
+    # The query's own cell: frames 4..7, rows 16..23, columns 0..7.
+    assert amap.query_center == pytest.approx((midpoint(4, 7), midpoint(16, 23), midpoint(0, 7)))
+
+
+def test_3d_unpooled_and_every_query():
+    # No pooling: keys are the feature cells, 2 frames x 4 x 4 pixels each from 4 frames of 16x12.
+    grid = (2, 4, 3)
+    rng = np.random.default_rng(0)
+    positions = math.prod(grid)
+    targets = dict(enumerate(rng.permutation(positions).tolist()))
+    model = CodedBlockModel(grid, targets, None)
+    frames = torch.randn(3, 4, 16, 12)  # unbatched clip
+    for source, target in targets.items():
+        qt, qy, qx = np.unravel_index(source, grid)
+        amap = attention_map(model, frames, query=(2 * qt + 1, 4 * qy + 3, 4 * qx), block="block")
+        assert amap.query_cell == (qt, qy, qx)
+        tt, ty, tx = np.unravel_index(target, grid)
+        _, center = amap.top_keys(1)[0]
+        expected = (midpoint(2 * tt, 2 * tt + 1), midpoint(4 * ty, 4 * ty + 3), midpoint(4 * tx, 4 * tx + 3))
+        assert center == pytest.approx(expected)
+
+
+def test_2d_fractional_stride_and_floor_pooling():
+    # Features (H, W) = (5, 4) from a 36x32 image: a feature cell is 7.2 x 8 pixels. Pool 2x2 floors the
+    # key grid to (2, 2): key rows cover feature rows {0,1} and {2,3}; feature row 4 (pixels 29..35) is
+    # in no key. Pixel c is in feature row floor((c + 0.5) / 7.2): rows 0..13 -> key row 0, 14..28 -> 1.
+    grid = (5, 4)
+    query_cell, target = (4, 1), (3, 2)
+    model = CodedBlockModel(grid, {flat(query_cell, grid): flat(target, grid)}, 2)
+    image = torch.zeros(1, 3, 36, 32)
+    amap = attention_map(model, image, query=(33, 10), block="block")
+
+    assert amap.query_cell == (0, 4, 1)
+    assert amap.weights.shape == (1, 2, 2)
+    _, center = amap.top_keys(1)[0]
+    # Target (3, 2) -> key (1, 1): feature rows 2..3 = [14.4, 28.8) -> key row span 14.4 pixels, centre
+    # 1.5 * 14.4 - 0.5; columns: feature columns 2..3 = pixels 16..31.
+    assert center == pytest.approx((0.0, 1.5 * 14.4 - 0.5, midpoint(16, 31)))
+    heat = amap.upsampled()
+    assert heat.shape == (1, 36, 32)
+    rows, columns = np.nonzero(heat[0] > 0.5)
+    assert (rows.min(), rows.max(), columns.min(), columns.max()) == (14, 28, 16, 31)
+    assert np.all(heat[0, 29:] == 0)  # pixels of the dropped feature row belong to no key
+
+
+def test_query_independent_block_has_zero_distance_and_dependent_block_does_not():
+    grid = (2, 4, 4)
+    positions = math.prod(grid)
+    independent = CodedBlockModel(grid, None, (1, 2, 2))
+    with torch.no_grad():
+        # θ ignores its input: every query has the same θ vector, so the same attention row.
+        independent.block.theta.bias.copy_(torch.linspace(-1, 1, positions) * AMPLITUDE / 4)
+    frames = torch.zeros(1, 3, 8, 32, 32)
+    rows = block_attention(independent, frames)["block"]
+    assert rows.shape == (positions, 8)
+    assert not torch.allclose(rows[0], torch.full_like(rows[0], 1 / 8))  # not trivially uniform
+    assert query_dependence(independent, frames, num_queries=16)["block"] == pytest.approx(0.0, abs=1e-9)
+
+    # Queries sent to the targets of a shuffle: rows are one-hot on different keys for most pairs.
+    targets = dict(enumerate(np.random.default_rng(1).permutation(positions).tolist()))
+    dependent = CodedBlockModel(grid, targets, (1, 2, 2))
+    rows = block_attention(dependent, frames)["block"]
+    one_hot_keys = rows.argmax(1)
+    same = (one_hot_keys[:, None] == one_hot_keys[None, :]).double()
+    expected = 1 - (same.sum() - positions) / (positions * (positions - 1))  # all queries, all pairs
+    distance = query_dependence(dependent, [frames, frames], num_queries=positions)["block"]
+    assert distance == pytest.approx(float(expected), abs=1e-3)
+
+
+def test_bad_arguments_raise_value_error():
+    model = CodedBlockModel((2, 4, 4), None, None)
+    frames = torch.zeros(1, 3, 8, 32, 32)
+    with pytest.raises(ValueError, match="outside the frames"):
+        attention_map(model, frames, query=(8, 0, 0))
+    with pytest.raises(ValueError, match="no non-local block named"):
+        attention_map(model, frames, query=(0, 0, 0), block="res9")
+    with pytest.raises(ValueError, match="expected a sample"):
+        attention_map(model, torch.zeros(2, 3, 8, 32, 32), query=(0, 0, 0))
+    with pytest.raises(ValueError, match="num_queries"):
+        query_dependence(model, frames, num_queries=1)
+    amap = attention_map(model, frames, query=(0, 0, 0))
+    with pytest.raises(ValueError, match=r"\.png or \.gif"):
+        save_attention(amap, np.zeros((8, 32, 32, 3), np.uint8), "out.jpg")
+    with pytest.raises(ValueError, match="frames must be uint8"):
+        save_attention(amap, np.zeros((4, 32, 32, 3), np.uint8), "out.png")
+
+
+def test_png_and_gif_files(tmp_path):
+    grid = (2, 4, 4)
+    model = CodedBlockModel(grid, {flat((1, 2, 0), grid): flat((0, 1, 3), grid)}, (1, 2, 2))
+    frames = torch.zeros(1, 3, 8, 32, 48)
+    amap = attention_map(model, frames, query=(5, 20, 3))
+    pictures = np.random.default_rng(0).integers(0, 256, (8, 32, 48, 3), dtype=np.uint8)
+    for style in ("heatmap", "arrows"):
+        png = save_attention(amap, pictures, tmp_path / f"{style}.png", style=style, panel_width=120)
+        with Image.open(png) as image:
+            # One panel per key slice (2), 120 pixels wide; 120 * 32 / 48 = 80 high plus a 40-pixel title.
+            assert image.format == "PNG" and image.size == (240, 120)
+    gif = save_attention(amap, pictures, tmp_path / "clip.gif", gif_scale=2)
+    with Image.open(gif) as image:
+        assert image.format == "GIF" and image.n_frames == 8 and image.size == (96, 64)
