@@ -1,0 +1,150 @@
+"""Exact kernels for the pairwise part of a non-local block, y_i = 1/C(x) · Σ_j f(x_i, x̂_j) g(x̂_j).
+
+Every peer builds the (B, N, M) affinity and keeps it for backward. The kernels here compute the same numbers
+without keeping it:
+
+* softmax modes (Gaussian, embedded Gaussian): ``scaled_dot_product_attention`` where its flash kernel applies,
+  the explicit product where the affinity is small, and otherwise a query-chunked kernel that stores only the
+  log-sum-exp per query and recomputes each chunk's weights in backward;
+* dot product: reassociation, θ (φᵀ g) / M, which is O(N·d²) instead of O(N·M·d);
+* concatenation: f_ij = ReLU(a_i + b_j) is non-zero exactly where b_j > -a_i, so after sorting b the sum over j
+  is a suffix sum: y_i = (a_i · S_g[k_i] + S_bg[k_i]) / M with S the suffix sums of g and b·g and k_i found by
+  binary search. O((N + M) log M) time, O((N + M)·d) memory, no N×M tensor at all.
+
+All functions take batched position-major tensors: queries (B, N, d), keys (B, M, d), values (B, M, dv).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Above this many affinity bytes the softmax modes stop materialising the affinity (explicit product) and
+# switch to the chunked kernel; below it the explicit product is the fastest exact path on CPU.
+EXPLICIT_AFFINITY_BYTES = 64 * 2**20
+# Query rows per chunk in the chunked kernel: the transient working set is chunk · M floats.
+CHUNK_QUERIES = 1024
+# The CPU flash kernel is slower than a plain GEMM for heads wider than this.
+FLASH_MAX_HEAD_DIM_CPU = 512
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the pairwise part runs in: the autocast dtype if autocast is on, float16 raised to float32.
+
+    float16 overflows on affinities that float32 and bfloat16 represent (peers.md §4.3), so the pairwise
+    part never runs in it; bfloat16 has float32's range and stays.
+    """
+    dtype = tensor.dtype
+    if torch.is_autocast_enabled(tensor.device.type) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.get_autocast_dtype(tensor.device.type)
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def softmax_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Normalised weights softmax_j(scale · q_i·k_j): (B, N, d), (B, M, d) -> (B, N, M)."""
+    return torch.softmax(torch.bmm(q, k.mT) * scale, dim=-1)
+
+
+def dot_product_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Normalised weights q_i·k_j / M: (B, N, d), (B, M, d) -> (B, N, M)."""
+    return torch.bmm(q, k.mT) / k.shape[1]
+
+
+def concatenation_weights(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Normalised weights ReLU(a_i + b_j) / M: (B, N), (B, M) -> (B, N, M)."""
+    return torch.relu(a[:, :, None] + b[:, None, :]) / b.shape[1]
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Σ_j softmax_j(scale · q_i·k_j) v_j without keeping the affinity when it is large.
+
+    Args:
+        q: queries (B, N, d).
+        k: keys (B, M, d).
+        v: values (B, M, dv).
+        scale: factor applied to the dot products before the softmax.
+
+    Returns:
+        (B, N, dv).
+    """
+    batch, queries, head_dim = q.shape
+    keys = k.shape[1]
+    wide_cpu_head = q.device.type == "cpu" and head_dim > FLASH_MAX_HEAD_DIM_CPU
+    if head_dim == v.shape[-1] and not wide_cpu_head:
+        # (B, 1, N, d) · (B, 1, M, d) -> (B, 1, N, d): the flash kernel keeps only q, k, v, out and the lse.
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale)
+        return out.squeeze(1)
+    if batch * queries * keys * q.element_size() <= EXPLICIT_AFFINITY_BYTES:
+        return torch.bmm(softmax_weights(q, k, scale), v)
+    return _ChunkedSoftmaxAttention.apply(q, k, v, scale)
+
+
+class _ChunkedSoftmaxAttention(torch.autograd.Function):
+    """Softmax attention over query chunks that saves q, k, v, the output and one log-sum-exp per query.
+
+    Backward recomputes each chunk's weights from the saved log-sum-exp (the memory-efficient attention
+    recurrence), so memory is O(chunk · M) at any N. Used where the flash kernel does not apply: values
+    narrower than the keys (Gaussian mode compares the raw C channels but aggregates C/2) or very wide heads.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+        lse = q.new_empty(q.shape[0], q.shape[1])
+        for start in range(0, q.shape[1], CHUNK_QUERIES):
+            rows = slice(start, start + CHUNK_QUERIES)
+            logits = torch.bmm(q[:, rows], k.mT) * scale  # (B, n, d) @ (B, d, M) -> (B, n, M)
+            lse[:, rows] = torch.logsumexp(logits, dim=-1)
+            torch.bmm(torch.exp(logits - lse[:, rows, None]), v, out=out[:, rows])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        grad_out = grad_out.contiguous()
+        # Σ_j p_ij (dout_i · v_j) = dout_i · out_i: the softmax Jacobian's rank-one term, one number per query.
+        delta = (grad_out * out).sum(-1)
+        grad_q = torch.empty_like(q)
+        grad_k = torch.zeros_like(k)
+        grad_v = torch.zeros_like(v)
+        for start in range(0, q.shape[1], CHUNK_QUERIES):
+            rows = slice(start, start + CHUNK_QUERIES)
+            weights = torch.exp(torch.bmm(q[:, rows], k.mT) * scale - lse[:, rows, None])
+            grad_v.baddbmm_(weights.mT, grad_out[:, rows])
+            grad_logits = weights * (torch.bmm(grad_out[:, rows], v.mT) - delta[:, rows, None]) * scale
+            torch.bmm(grad_logits, k, out=grad_q[:, rows])
+            grad_k.baddbmm_(grad_logits.mT, q[:, rows])
+        return grad_q, grad_k, grad_v, None
+
+
+def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Σ_j (q_i·k_j) v_j / M by reassociation, q (kᵀ v) / M: (B, N, d), (B, M, d), (B, M, dv) -> (B, N, dv)."""
+    summary = torch.bmm(k.mT, v) / k.shape[1]  # (B, d, M) @ (B, M, dv) -> (B, d, dv)
+    return torch.bmm(q, summary)
+
+
+def concatenation_attention(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Σ_j ReLU(a_i + b_j) v_j / M through sorted suffix sums, exact and without an N×M tensor.
+
+    Args:
+        a: query terms w_θ·θ(x_i), (B, N).
+        b: key terms w_φ·φ(x̂_j), (B, M).
+        v: values g(x̂_j), (B, M, dv).
+
+    Returns:
+        (B, N, dv).
+    """
+    keys = b.shape[1]
+    b_sorted, order = torch.sort(b, dim=-1)
+    v_sorted = torch.gather(v, 1, order[:, :, None].expand_as(v))
+    # Suffix sums with a trailing zero row: S[k] = Σ_{j >= k} over the ascending order, S[M] = 0.
+    stacked = torch.cat([v_sorted, b_sorted[:, :, None] * v_sorted], dim=-1)
+    suffix = F.pad(stacked.flip(1).cumsum(1).flip(1), (0, 0, 0, 1))
+    # k_i = number of keys with b_j <= -a_i; keys from k_i on satisfy a_i + b_j > 0.
+    first_active = torch.searchsorted(b_sorted.detach(), (-a).detach().contiguous(), right=True)
+    gathered = torch.gather(suffix, 1, first_active[:, :, None].expand(-1, -1, suffix.shape[-1]))
+    sum_v, sum_bv = gathered.split(v.shape[-1], dim=-1)
+    return (a[:, :, None] * sum_v + sum_bv) / keys

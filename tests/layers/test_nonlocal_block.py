@@ -1,0 +1,309 @@
+"""NonLocalBlock against the paper's formulas, written out independently here in float64."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nlnet import NonLocalBlock
+from nlnet.layers import pairwise
+
+MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+SHAPES = {1: (2, 6, 10), 2: (2, 6, 6, 8), 3: (2, 6, 4, 6, 4)}
+MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def reference(block: NonLocalBlock, x: torch.Tensor, memory: torch.Tensor | None = None):
+    """The block's output and weights from the formulas, with torch's own conv, max-pool and softmax.
+
+    Returns (z, weights) with z = x + BN(W_z y) (batch statistics, as in training) and weights (B, N, M).
+    """
+    conv = CONV[block.dim]
+    source = x if memory is None else memory
+    kernel = block.pool_kernel
+
+    def pool(t):
+        return MAX_POOL[block.dim](t, kernel, kernel) if kernel else t
+
+    def embed(module, t):
+        return conv(t, module.weight, module.bias)
+
+    def keys_of(module):
+        if block.pool_position == "before":
+            return embed(module, pool(source))
+        return pool(embed(module, source))
+
+    values = keys_of(block.g).flatten(2)  # (B, d, M)
+    x_flat = x.flatten(2)
+    if block.mode == "gaussian":
+        affinity = torch.einsum("bcn,bcm->bnm", x_flat, pool(source).flatten(2))
+        weights = torch.softmax(affinity * block.scale_factor, dim=-1)
+    else:
+        theta = embed(block.theta, x).flatten(2)
+        phi = keys_of(block.phi).flatten(2)
+        if block.mode == "embedded_gaussian":
+            weights = torch.softmax(torch.einsum("bdn,bdm->bnm", theta, phi) * block.scale_factor, dim=-1)
+        elif block.mode == "dot_product":
+            weights = torch.einsum("bdn,bdm->bnm", theta, phi) / phi.shape[-1]
+        else:
+            w = block.concat.weight[0]
+            d = theta.shape[1]
+            # w_fᵀ [θ_i, φ_j] for every pair, literally.
+            pairs = torch.cat(
+                [theta[:, :, :, None].expand(-1, -1, -1, phi.shape[-1]),
+                 phi[:, :, None, :].expand(-1, -1, theta.shape[-1], -1)], dim=1,
+            )
+            weights = torch.relu(torch.einsum("c,bcnm->bnm", w, pairs)) / phi.shape[-1]
+            assert pairs.shape[1] == 2 * d
+    y = torch.einsum("bnm,bdm->bdn", weights, values).reshape(x.shape[0], -1, *x.shape[2:])
+    out = conv(y, block.out.weight, block.out.bias)
+    if block.norm is not None:
+        dims = [0] + list(range(2, out.dim()))
+        mean = out.mean(dims, keepdim=True)
+        var = out.var(dims, keepdim=True, unbiased=False)
+        shape = (1, -1) + (1,) * block.dim
+        out = (out - mean) / torch.sqrt(var + block.norm.eps) * block.norm.weight.view(shape)
+        out = out + block.norm.bias.view(shape)
+    return x + out, weights
+
+
+def randomised(block: NonLocalBlock) -> NonLocalBlock:
+    """A float64 copy whose output depends on the attention (γ and W_z away from their zero init)."""
+    block = block.double()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return block
+
+
+# Without pooling, "before" and "after" are the same function: one of them is enough.
+CASES = [
+    case for case in itertools.product(MODES, (1, 2, 3), ("default", None), ("before", "after"), ("bn", None),
+                                       (False, True))
+    if not (case[2] is None and case[3] == "after")
+]
+
+
+@pytest.mark.parametrize("mode,dim,pool,position,norm,use_memory", CASES)
+def test_forward_and_attention_match_the_formulas(mode, dim, pool, position, norm, use_memory):
+    memory_channels = 6 if mode == "gaussian" else 5
+    block = randomised(NonLocalBlock(
+        6, 4, dim=dim, mode=mode, pool=pool, pool_position=position, norm=norm,
+        memory_channels=memory_channels if use_memory else None,
+    ))
+    torch.manual_seed(0)
+    x = torch.randn(*SHAPES[dim], dtype=torch.float64)
+    memory = None
+    if use_memory:
+        memory_shape = list(SHAPES[dim])
+        memory_shape[1] = memory_channels
+        memory_shape[-1] += 2
+        memory = torch.randn(*memory_shape, dtype=torch.float64)
+    expected, expected_weights = reference(block, x, memory)
+    for impl in ("auto", "explicit"):
+        block.impl = impl
+        got = block(x, memory)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(block.attention(x, memory), expected_weights, rtol=1e-6, atol=1e-12)
+
+
+def test_softmax_scale_default_and_explicit_factor():
+    assert NonLocalBlock(8, 4, mode="embedded_gaussian").scale_factor == pytest.approx(4**-0.5)
+    assert NonLocalBlock(8, 4, mode="gaussian").scale_factor == pytest.approx(8**-0.5)
+    assert NonLocalBlock(8, mode="embedded_gaussian", scale=False).scale_factor == 1.0
+    assert NonLocalBlock(8, scale=0.3).scale_factor == 0.3
+
+
+@pytest.mark.parametrize("dim", (1, 2, 3))
+@pytest.mark.parametrize("norm", ("bn", None))
+def test_identity_at_init(dim, norm):
+    torch.manual_seed(0)
+    x = torch.randn(*SHAPES[dim]) * 3
+    for mode in MODES:
+        block = NonLocalBlock(6, dim=dim, mode=mode, norm=norm)
+        assert torch.equal(block(x), x)
+        assert torch.equal(block.eval()(x), x)
+
+
+def test_parameters_and_names():
+    block = NonLocalBlock(512, mode="embedded_gaussian")
+    names = {name for name, _ in block.named_parameters()}
+    assert names == {f"{m}.{p}" for m in ("theta", "phi", "g", "out") for p in ("weight", "bias")} | {
+        "norm.weight", "norm.bias"}
+    # 3 × (512·256 + 256) + (256·512 + 512) + 2·512: the res3 block of the official models (0.527M).
+    assert sum(p.numel() for p in block.parameters()) == 3 * (512 * 256 + 256) + 256 * 512 + 512 + 1024
+    assert not hasattr(NonLocalBlock(8, mode="gaussian"), "theta")
+    assert NonLocalBlock(8, mode="concatenation").concat.weight.shape == (1, 8)
+    assert NonLocalBlock(8, norm=None).norm is None
+    assert NonLocalBlock(8, dim=3).pool_kernel == (1, 2, 2)
+    assert NonLocalBlock(8, dim=2).pool_kernel == (2, 2)
+    assert NonLocalBlock(8, dim=1).pool_kernel == (2,)
+    assert NonLocalBlock(8, dim=3, pool=None).pool_kernel is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_space_extent_is_a_2d_block_on_every_frame(mode):
+    block3d = randomised(NonLocalBlock(6, 4, dim=3, mode=mode, extent="space", norm=None))
+    block2d = randomised(NonLocalBlock(6, 4, dim=2, mode=mode, norm=None))
+    block2d.load_state_dict({k: v.reshape(block2d.state_dict()[k].shape) for k, v in block3d.state_dict().items()})
+    x = torch.randn(2, 6, 3, 6, 4, dtype=torch.float64)
+    frames = x.transpose(1, 2).reshape(6, 6, 6, 4)
+    expected = block2d(frames).reshape(2, 3, 6, 6, 4).transpose(1, 2)
+    torch.testing.assert_close(block3d(x), expected, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_time_extent_is_a_1d_block_at_every_place(mode):
+    block3d = randomised(NonLocalBlock(6, 4, dim=3, mode=mode, extent="time", pool=(2, 2, 2), norm=None))
+    assert block3d.pool_kernel == (2, 1, 1)
+    block1d = randomised(NonLocalBlock(6, 4, dim=1, mode=mode, pool=2, norm=None))
+    block1d.load_state_dict({k: v.reshape(block1d.state_dict()[k].shape) for k, v in block3d.state_dict().items()})
+    x = torch.randn(2, 6, 4, 3, 2, dtype=torch.float64)
+    sequences = x.permute(0, 3, 4, 1, 2).reshape(12, 6, 4)
+    expected = block1d(sequences).reshape(2, 3, 2, 6, 4).permute(0, 3, 4, 1, 2)
+    torch.testing.assert_close(block3d(x), expected, rtol=1e-7, atol=1e-10)
+
+
+def test_temporal_groups_attend_within_consecutive_frames():
+    grouped = randomised(NonLocalBlock(6, 4, dim=3, temporal_groups=2, norm=None))
+    whole = randomised(NonLocalBlock(6, 4, dim=3, norm=None))
+    whole.load_state_dict(grouped.state_dict())
+    x = torch.randn(1, 6, 4, 4, 4, dtype=torch.float64)
+    expected = torch.cat([whole(x[:, :, :2]), whole(x[:, :, 2:])], dim=2)
+    torch.testing.assert_close(grouped(x), expected, rtol=1e-7, atol=1e-10)
+    weights = grouped.attention(x)
+    assert weights.shape == (1, 64, 16)
+    assert torch.count_nonzero(weights[:, :32, 8:]) == 0 and torch.count_nonzero(weights[:, 32:, :8]) == 0
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_fast_paths(mode):
+    block = randomised(NonLocalBlock(4, 3, dim=2, mode=mode))
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    names, params = zip(*block.named_parameters(), strict=True)
+
+    def run(x, *flat):
+        return torch.func.functional_call(block, dict(zip(names, flat, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_chunked_softmax_kernel(monkeypatch):
+    monkeypatch.setattr(pairwise, "CHUNK_QUERIES", 3)
+    q = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: pairwise._ChunkedSoftmaxAttention.apply(q, k, v, 0.7), (q, k, v))
+    expected = torch.softmax(q @ k.mT * 0.7, -1) @ v
+    torch.testing.assert_close(pairwise._ChunkedSoftmaxAttention.apply(q, k, v, 0.7), expected)
+
+
+def test_softmax_dispatch_agrees_on_every_path(monkeypatch):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 40, 8), torch.randn(2, 12, 8)
+    for v in (torch.randn(2, 12, 8), torch.randn(2, 12, 4)):  # SDPA (equal widths), explicit (narrow values)
+        expected = torch.softmax(q @ k.mT * 0.5, -1) @ v
+        torch.testing.assert_close(pairwise.softmax_attention(q, k, v, 0.5), expected)
+    monkeypatch.setattr(pairwise, "EXPLICIT_AFFINITY_BYTES", 0)
+    torch.testing.assert_close(pairwise.softmax_attention(q, k, v, 0.5), expected)  # chunked
+
+
+def test_fused_batch_norm_running_statistics_match_batchnorm():
+    block = randomised(NonLocalBlock(6, 4, dim=3)).float()
+    plain = NonLocalBlock(6, 4, dim=3, impl="explicit")
+    plain.load_state_dict(block.state_dict())
+    x = torch.randn(2, 6, 2, 4, 4)
+    for _ in range(3):
+        torch.testing.assert_close(block(x), plain(x), rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(block.norm, name), getattr(plain.norm, name))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_with_large_activations_stays_finite(mode, dtype):
+    torch.manual_seed(0)
+    block = NonLocalBlock(16, dim=2, mode=mode)
+    with torch.no_grad():
+        block.norm.weight.fill_(1.0)
+    x = torch.randn(2, 16, 8, 8) * 300
+    reference_out = block(x)
+    assert torch.isfinite(reference_out).all()
+    with torch.autocast("cpu", dtype=dtype):
+        out = block(x)
+    assert torch.isfinite(out).all()
+    if dtype == torch.bfloat16:
+        # float16 weight gradients may overflow like any float16 GEMM: that is GradScaler's job, not the block's.
+        out.float().sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in block.parameters() if p.grad is not None)
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    block = randomised(NonLocalBlock(8, dim=3)).float()
+    x = torch.randn(2, 8, 2, 4, 4, requires_grad=True)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    eager = block(x)
+    eager.square().sum().backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(grad, x.grad)
+
+
+def test_onnx_export_runs_in_the_onnx_reference_evaluator(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    torch.manual_seed(0)
+    block = randomised(NonLocalBlock(8, dim=2)).float().eval()
+    x = torch.randn(1, 8, 6, 6)
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(block, (x,), str(path), input_names=["x"], output_names=["z"], dynamo=True)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    (got,) = ReferenceEvaluator(model).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), block(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(mode="softmax"), "mode must be one of 'gaussian', 'embedded_gaussian'"),
+        (dict(dim=4), "dim must be one of"),
+        (dict(pool_position="middle"), "pool_position"),
+        (dict(norm="gn"), "norm must be one of"),
+        (dict(pool=(2, 2)), "pool must have 3 positive ints"),
+        (dict(scale=-1.0), "scale must be"),
+        (dict(mode="gaussian", memory_channels=4), "memory_channels must equal in_channels"),
+        (dict(dim=2, extent="time"), "needs dim=3"),
+        (dict(temporal_groups=0), "temporal_groups must be a positive int"),
+    ],
+)
+def test_bad_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        NonLocalBlock(8, **kwargs)
+
+
+def test_bad_inputs_name_what_was_expected():
+    block = NonLocalBlock(8, dim=3, memory_channels=6)
+    with pytest.raises(ValueError, match=r"expects x of shape \(B, C, T, H, W\), got 4-D"):
+        block(torch.randn(2, 8, 4, 4))
+    with pytest.raises(ValueError, match="expected x with 8 channels, got 7"):
+        block(torch.randn(2, 7, 2, 4, 4))
+    with pytest.raises(ValueError, match="memory_channels=6 channels, got 8"):
+        block(torch.randn(2, 8, 2, 4, 4), memory=torch.randn(2, 8, 2, 4, 4))
+    with pytest.raises(ValueError, match="memory batch 3 does not match x batch 2"):
+        block(torch.randn(2, 8, 2, 4, 4), memory=torch.randn(3, 6, 2, 4, 4))
+    with pytest.raises(ValueError, match="larger than the key grid"):
+        block(torch.randn(2, 8, 2, 1, 1), memory=torch.randn(2, 6, 2, 1, 1))
+    with pytest.raises(ValueError, match="divisible into groups"):
+        NonLocalBlock(8, temporal_groups=4)(torch.randn(1, 8, 6, 4, 4))
