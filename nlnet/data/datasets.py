@@ -12,8 +12,9 @@ Annotation formats (``read_annotations``):
 - ``charades``: the Charades CSV (header with at least ``id`` and ``actions``); ``actions`` looks like
   ``c092 11.90 21.20;c147 0.00 12.60`` and gives the video-level labels 92 and 147 (segment times are not
   used); a video without actions gets no label. The video is ``root/<id>.mp4``.
-- ``folder``: ``<dir>/<class name>/<video file>``; ``build_dataset`` uses ``root/<split>`` when that folder
-  exists and ``root`` itself otherwise (then every split holds the same videos).
+- ``folder``: ``<dir>/<class name>/<video file>``; ``build_dataset`` uses ``root/<split>`` when ``root`` has
+  split folders (``train``, ``val``, ``test``) and ``root`` itself otherwise (then every split holds the same
+  videos).
 
 Class names map to indices through ``class_names`` when given, else through the sorted names of the training
 annotations (``build_dataset`` reads them from ``train_list`` or the training folder so that every split
@@ -133,9 +134,9 @@ def read_annotations(
     else:
         if not source.is_file():
             raise FileNotFoundError(f"annotation file not found: {source}")
-        rows = {"kinetics_csv": _kinetics_rows, "path_csv": _path_csv_rows, "charades": _charades_rows}[
-            format
-        ](source, root)
+        rows = {"kinetics_csv": _kinetics_rows, "path_csv": _path_csv_rows, "charades": _charades_rows}[format](
+            source, root
+        )
     if not rows:
         raise AnnotationError(f"{source}: no video listed")
     if class_names is None:
@@ -194,9 +195,7 @@ def _csv_lines(source: Path) -> Iterator[tuple[int, list[str]]]:
                 yield start, [field.strip() for field in fields]
 
 
-def _csv_header(
-    source: Path, lines: Iterator[tuple[int, list[str]]], required: Sequence[str]
-) -> dict[str, int]:
+def _csv_header(source: Path, lines: Iterator[tuple[int, list[str]]], required: Sequence[str]) -> dict[str, int]:
     first = next(lines, None)
     if first is None:
         raise AnnotationError(f"{source}: empty file, expected a header with columns {list(required)}")
@@ -232,9 +231,7 @@ def _kinetics_rows(source: Path, root: Path) -> list[_Row]:
             except ValueError:
                 value = float("nan")
             if not value.is_integer() or value < 0:
-                raise AnnotationError(
-                    f"{source}, line {line}: {name} must be a whole number of seconds, got {text!r}"
-                )
+                raise AnnotationError(f"{source}, line {line}: {name} must be a whole number of seconds, got {text!r}")
             times.append(int(value))
         if not label or not youtube_id:
             raise AnnotationError(f"{source}, line {line}: empty label or youtube_id in {fields}")
@@ -277,8 +274,7 @@ def _charades_rows(source: Path, root: Path) -> list[_Row]:
             match = _CHARADES_ACTION.fullmatch(action)
             if match is None:
                 raise AnnotationError(
-                    f"{source}, line {line}: action {action!r} is not 'c<class> <start> <end>', "
-                    "e.g. 'c092 11.90 21.20'"
+                    f"{source}, line {line}: action {action!r} is not 'c<class> <start> <end>', e.g. 'c092 11.90 21.20'"
                 )
             labels.append(int(match.group(1)))
         rows.append(_Row(line, root / f"{video_id}.mp4", tuple(sorted(set(labels)))))
@@ -358,9 +354,7 @@ class VideoClipDataset(Dataset):
         if mode not in CLIP_MODES:
             raise ValueError(f"mode must be one of {CLIP_MODES}, got {mode!r}")
         if num_frames < 1 or sampling_rate < 1:
-            raise ValueError(
-                f"num_frames and sampling_rate must be >= 1, got {num_frames} and {sampling_rate}"
-            )
+            raise ValueError(f"num_frames and sampling_rate must be >= 1, got {num_frames} and {sampling_rate}")
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
         if class_names is not None and len(class_names) != num_classes:
@@ -381,9 +375,7 @@ class VideoClipDataset(Dataset):
         self.num_clips = int(num_clips) if mode == "test" else 1
         self.class_names = None if class_names is None else [str(name) for name in class_names]
         self.train_transform = TrainAugment(jitter_scales, train_crop, mean=mean, std=std)
-        self.eval_views = EvalViews(
-            test_scale, test_crop, num_crops if mode == "test" else 1, mean=mean, std=std
-        )
+        self.eval_views = EvalViews(test_scale, test_crop, num_crops if mode == "test" else 1, mean=mean, std=std)
         # (seed, epoch) in shared memory: persistent DataLoader workers hold copies of the dataset and must
         # see set_epoch calls made in the main process.
         self._rng_state = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -496,7 +488,11 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str) -> VideoClipDataset:
 
     def source_of(which: str) -> Path | None:
         if fmt == "folder":
-            return root / which if (root / which).is_dir() else root
+            if (root / which).is_dir():
+                return root / which
+            if any((root / name).is_dir() for name in ("train", "val", "test")):
+                raise FileNotFoundError(f"{root} has split folders but no '{which}' folder")
+            return root
         listed = data_cfg.get(f"{which}_list")
         return None if listed is None else Path(str(listed))
 

@@ -81,9 +81,7 @@ def crop_offsets(length: int, size: int, num_crops: int) -> list[int]:
     return [k * (length - size) // (num_crops - 1) for k in range(num_crops)]
 
 
-def normalize(
-    frames: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float]
-) -> torch.Tensor:
+def normalize(frames: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float]) -> torch.Tensor:
     """Turn uint8 frames into a normalised float clip.
 
     Args:
@@ -128,13 +126,9 @@ class TrainAugment:
     ) -> None:
         scales = [int(s) for s in jitter_scales]
         if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
-            raise ValueError(
-                f"jitter_scales must be [min, max] with 0 < min <= max, got {list(jitter_scales)}"
-            )
+            raise ValueError(f"jitter_scales must be [min, max] with 0 < min <= max, got {list(jitter_scales)}")
         if not 0 < crop_size <= scales[0]:
-            raise ValueError(
-                f"crop_size must be in [1, {scales[0]}] (the smallest jitter scale), got {crop_size}"
-            )
+            raise ValueError(f"crop_size must be in [1, {scales[0]}] (the smallest jitter scale), got {crop_size}")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.jitter_scales = (scales[0], scales[1])
@@ -213,14 +207,11 @@ class EvalViews:
         else:
             left = (width - size) // 2
             corners = [(top, left) for top in crop_offsets(height, size, self.num_crops)]
-        return torch.stack(
-            [normalize(frames[:, t : t + size, l : l + size], self.mean, self.std) for t, l in corners]
-        )
+        return torch.stack([normalize(frames[:, t : t + size, l : l + size], self.mean, self.std) for t, l in corners])
 
 
 def _check_frames(frames: torch.Tensor) -> None:
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(
-            f"expected uint8 frames of shape (T, H, W, 3), got dtype {frames.dtype} "
-            f"and shape {tuple(frames.shape)}"
+            f"expected uint8 frames of shape (T, H, W, 3), got dtype {frames.dtype} and shape {tuple(frames.shape)}"
         )

@@ -39,9 +39,7 @@ class VideoDecodeError(RuntimeError):
     """A video file is missing, cannot be opened, has no video stream or yields no frames."""
 
 
-def train_clip_indices(
-    video_frames: int, num_frames: int, sampling_rate: int, rng: np.random.Generator
-) -> np.ndarray:
+def train_clip_indices(video_frames: int, num_frames: int, sampling_rate: int, rng: np.random.Generator) -> np.ndarray:
     """Frame indices of one training clip: random start, fixed stride, wrap-around.
 
     Args:
@@ -188,6 +186,5 @@ def _check_clip_args(video_frames: int, num_frames: int, sampling_rate: int) -> 
         raise ValueError(f"video_frames must be >= 1, got {video_frames}")
     if num_frames < 1 or sampling_rate < 1:
         raise ValueError(
-            f"num_frames and sampling_rate must be >= 1, got num_frames={num_frames}, "
-            f"sampling_rate={sampling_rate}"
+            f"num_frames and sampling_rate must be >= 1, got num_frames={num_frames}, sampling_rate={sampling_rate}"
         )

