@@ -97,11 +97,11 @@ def set_train_mode(model: nn.Module, frozen_bn: bool) -> None:
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Initialises ``model`` from a checkpoint: an nlnet training checkpoint or a plain state dict.
+    """Initialises ``model`` from an nlnet training checkpoint, a converted official model or a state dict.
 
     Tensors whose name is missing from the file, or whose shape differs (a 400-way classifier loaded into a
-    157-way model), keep their initial values; both are reported. Official Caffe2 ``.pkl`` files must first be
-    converted to a state dict with ``nlnet.weights``.
+    157-way model), keep their initial values; both are reported. Official Caffe2 ``.pkl`` files are first
+    converted with ``nlnet.weights.caffe2.convert_caffe2`` (its ``state_dict`` entry is what is read here).
 
     Returns:
         {"loaded": [...], "missing": [...], "shape_mismatch": [...], "unexpected": [...]} parameter names.
@@ -109,12 +109,14 @@ def load_model_weights(model: nn.Module, path: str | Path) -> dict[str, list[str
     path = Path(path)
     if path.suffix == ".pkl":
         raise ValueError(
-            f"{path}: Caffe2 .pkl files are not loaded directly; convert them to a PyTorch state dict with "
-            "nlnet.weights first and set model.checkpoint to the converted file"
+            f"{path}: Caffe2 .pkl files are not loaded directly; convert them with "
+            "nlnet.weights.caffe2.convert_caffe2 and set model.checkpoint to the converted .pt file"
         )
     state = load_checkpoint(path)
-    if "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    for key in ("model", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict of tensors (or a checkpoint with a 'model' entry)")
     own = model.state_dict()

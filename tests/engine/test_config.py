@@ -1,0 +1,92 @@
+"""Config loading: schema defaults, _base_ files, dotted overrides, validation, and every shipped recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nlnet.engine.config import load_config
+from nlnet.models import available, create
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(
+        None, ["train.max_iter=12", "data.train_jitter_scales=[64,80]", "model.overrides.clip=8x8"]
+    )
+    assert cfg.train.max_iter == 12
+    assert list(cfg.data.train_jitter_scales) == [64, 80]
+    assert cfg.model.overrides.clip == "8x8"
+    assert cfg.model.num_classes == cfg.data.num_classes == 400  # interpolated
+    assert cfg.train.nesterov is True and cfg.train.weight_decay_bn == 0.0
+
+
+def test_base_files_merge_in_order(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  max_iter: 5\n  base_lr: 0.5\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("_base_: ../a.yaml\ntrain:\n  max_iter: 7\n")
+    cfg = load_config(tmp_path / "sub" / "b.yaml", ["train.base_lr=0.25"])
+    assert (cfg.train.max_iter, cfg.train.base_lr) == (7, 0.25)
+    (tmp_path / "a.yaml").write_text("_base_: sub/b.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.max_itr=5"], "train.max_itr"),
+        (["train.max_iter"], "key=value"),
+        (["train.steps=[0,10]", "train.lrs=[1]"], "same non-zero length"),
+        (["train.steps=[5,10]", "train.lrs=[1,0.1]"], "start at 0"),
+        (["train.amp=fp8"], "train.amp"),
+        (["train.batch_size=0"], "batch_size"),
+        (["model.freeze_bn=true"], "precise_bn=false"),
+        (["train.max_iter={a: [}"], "invalid configuration"),
+    ],
+)
+def test_bad_settings_are_rejected_with_the_key_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError):
+        load_config("no/such/recipe.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_recipe_loads_and_builds_its_model(path):
+    cfg = load_config(path)
+    assert cfg.model.name in available()
+    # The recipe's model keywords are valid: build the same network at a toy size.
+    create(
+        cfg.model.name,
+        num_classes=int(cfg.model.num_classes),
+        dropout=float(cfg.model.dropout),
+        **{**cfg.model.overrides, "stage_blocks": (1, 1, 1, 1), "base_width": 2},
+    )
+    name = path.stem
+    if name.startswith("base_"):
+        return
+    assert path.read_text().startswith("#"), "every recipe says which paper row it reproduces"
+    clip = name.rsplit("_", 1)[-1]
+    if name.startswith("kinetics_"):
+        assert cfg.model.name == name[len("kinetics_") : -len(clip) - 1]
+        frames, rate = map(int, clip.split("x"))
+        assert (cfg.data.num_frames, cfg.data.sampling_rate) == (frames, rate)
+        assert cfg.model.overrides.get("clip", "32x2") == ("8x8" if clip == "8x8" else "32x2")
+    long_clip = cfg.data.num_frames == 128
+    assert cfg.model.freeze_bn == long_clip and cfg.train.precise_bn == (not long_clip)
+    if long_clip:
+        assert cfg.model.overrides.nonlocal_norm is None and cfg.model.checkpoint
+        assert cfg.train.batch_size == (8 if cfg.data.multi_label else 16)
+    else:
+        assert (cfg.train.batch_size, cfg.train.base_lr, list(cfg.train.steps)) == (
+            64,
+            0.01,
+            [0, 150000, 300000],
+        )
+        assert cfg.model.pretrained_2d.endswith(f"resnet{cfg.model.name.rsplit('_r', 1)[-1]}_imagenet.pth")
