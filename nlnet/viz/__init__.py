@@ -5,10 +5,14 @@ from nlnet.viz.attention import (
     attention_map,
     auto_query,
     block_attention,
+    load_input,
+    load_model,
+    measure_query_dependence,
     plot_attention,
     query_dependence,
     render_gif_frames,
     save_attention,
+    save_attention_figure,
 )
 
 __all__ = [
@@ -16,8 +20,12 @@ __all__ = [
     "attention_map",
     "auto_query",
     "block_attention",
+    "load_input",
+    "load_model",
+    "measure_query_dependence",
     "plot_attention",
     "query_dependence",
     "render_gif_frames",
     "save_attention",
+    "save_attention_figure",
 ]

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from nlnet.layers import NonLocalBlock
@@ -38,10 +39,14 @@ __all__ = [
     "attention_map",
     "auto_query",
     "block_attention",
+    "load_input",
+    "load_model",
+    "measure_query_dependence",
     "plot_attention",
     "query_dependence",
     "render_gif_frames",
     "save_attention",
+    "save_attention_figure",
 ]
 
 STYLES = ("heatmap", "arrows")
@@ -532,7 +537,7 @@ def plot_attention(
     panel_height = round(panel_width * height / width)
     title_height = 40
     fig = Figure(figsize=(len(panels) * panel_width / dpi, (panel_height + title_height) / dpi), dpi=dpi)
-    fig.text(0.5, 1 - 12 / (panel_height + title_height), _title(amap), ha="center", va="center", fontsize=8)
+    fig.text(0.5, 1 - 20 / (panel_height + title_height), _title(amap), ha="center", va="center", fontsize=7)
     heat = amap.upsampled()
     low, high = min(0.0, float(amap.weights.min())), float(amap.weights.max()) or 1.0
     axes = {}
@@ -569,7 +574,7 @@ def plot_attention(
 
 def _title(amap: AttentionMap) -> str:
     t, y, x = (round(v) for v in amap.query)
-    return f"{amap.block}: query t={t} y={y} x={x} → max weight {float(amap.weights.max()):.3g}"
+    return f"{amap.block}\nquery (t, y, x) = ({t}, {y}, {x}), top weight {float(amap.weights.max()):.3g}"
 
 
 def _check_frames(frames: np.ndarray, frame_size: tuple[int, int, int]) -> np.ndarray:
@@ -673,3 +678,240 @@ def save_attention(
     images = [Image.fromarray(p) for p in render_gif_frames(amap, frames, top_k=top_k, scale=gif_scale)]
     images[0].save(out, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return out
+
+
+# -- from files: checkpoints, videos, images ------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def load_model(
+    checkpoint: str | Path | None = None,
+    *,
+    config: str | Path | None = None,
+    model_name: str | None = None,
+    overrides: Sequence[str] = (),
+) -> tuple[nn.Module, DictConfig]:
+    """A trained (or untrained) model and the recipe that says how to feed it, in eval mode on the CPU.
+
+    The recipe is the ``config`` YAML if given, else the recipe stored in the checkpoint, else the defaults;
+    then ``overrides`` and ``model_name`` (as ``model.name``) are applied to it. Video models use
+    ``nlnet.engine.config``; a detection checkpoint (or a detector's ``model_name``) uses
+    ``nlnet.engine.detection``'s recipe.
+
+    Args:
+        checkpoint: an nlnet training or detection checkpoint, or a converted official model; None for an
+            untrained model (then ``config`` or ``model_name`` names it).
+        config: YAML recipe; needed for a checkpoint that stores none (a converted official model).
+        model_name: overrides ``model.name``.
+        overrides: dotted ``key=value`` strings, e.g. ``["data.num_frames=8"]``.
+
+    Returns:
+        ``(model, recipe)``; every tensor of the model comes from the checkpoint when one is given.
+
+    Raises:
+        ValueError: the checkpoint does not fit the model, or nothing says which model to build.
+    """
+    from omegaconf import OmegaConf
+
+    from nlnet.engine import load_checkpoint
+    from nlnet.models import detection as detection_models
+
+    if checkpoint is None and config is None and model_name is None:
+        raise ValueError("give a checkpoint, a config or a model name: nothing says which model to show")
+    state = load_checkpoint(checkpoint) if checkpoint is not None else {}
+    stored = state.get("config") if isinstance(state.get("config"), dict) else None
+    detector = state.get("format") == _DETECTION_FORMAT or (
+        model_name is not None and model_name in detection_models.available()
+    )
+    names = list(overrides) + ([f"model.name={model_name}"] if model_name is not None else [])
+    if detector:
+        from nlnet.engine.detection import load_config
+    else:
+        from nlnet.engine.config import load_config
+    recipe = load_config(config, []) if config is not None or stored is None else load_config(None, [])
+    if stored is not None and config is None:
+        recipe = OmegaConf.merge(recipe, stored)
+    if names:
+        recipe = OmegaConf.merge(recipe, OmegaConf.from_dotlist(names))
+    weights = state.get("model", state) if state else None
+    with torch.random.fork_rng():
+        # An untrained model is drawn from the recipe's seed, so its figures can be made again.
+        torch.manual_seed(int(recipe.seed))
+        model = _build_detector(recipe, weights) if detector else _build_video_model(recipe)
+    if weights is not None:
+        _load_exactly(model, weights, checkpoint)
+    model.eval()
+    return model, recipe
+
+
+_DETECTION_FORMAT = "nlnet-detection-1"
+
+
+def _build_video_model(recipe: DictConfig) -> nn.Module:
+    from omegaconf import OmegaConf
+
+    from nlnet.models import create
+
+    overrides = OmegaConf.to_container(recipe.model.overrides, resolve=True)
+    return create(
+        recipe.model.name, num_classes=int(recipe.model.num_classes), dropout=float(recipe.model.dropout), **overrides
+    )
+
+
+def _build_detector(recipe: DictConfig, weights: dict | None) -> nn.Module:
+    from omegaconf import OmegaConf
+
+    from nlnet.models import detection as detection_models
+
+    kwargs = dict(OmegaConf.to_container(recipe.model.overrides, resolve=True))
+    num_classes = None
+    if weights is not None:
+        # The class and keypoint counts come from the trained predictor's shapes: no dataset is needed.
+        classes = weights.get("roi_heads.box_predictor.cls_score.weight")
+        num_classes = None if classes is None else int(classes.shape[0])
+        keypoints = weights.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
+        if keypoints is not None:
+            kwargs.setdefault("num_keypoints", int(keypoints.shape[1]))
+    return detection_models.create(
+        recipe.model.name,
+        num_classes=num_classes,
+        nonlocal_backbone=bool(recipe.model.nonlocal_backbone),
+        nonlocal_head=recipe.model.nonlocal_head,
+        nonlocal_mode=recipe.model.nonlocal_mode,
+        frozen_bn=bool(recipe.model.frozen_bn),
+        trainable_backbone_layers=recipe.model.trainable_backbone_layers,
+        **kwargs,
+    )
+
+
+def _load_exactly(model: nn.Module, weights: dict, source: str | Path) -> None:
+    """Loads every tensor of ``model`` from ``weights``: a figure of a half-loaded model would mislead."""
+    if not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{source}: expected a state dict of tensors (or a checkpoint with a 'model' entry)")
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in weights)
+    mismatched = sorted(k for k in own if k in weights and weights[k].shape != own[k].shape)
+    if missing or mismatched:
+        raise ValueError(
+            f"{source} does not fit the model: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+            f"{len(mismatched)} of another shape (e.g. {mismatched[:3]}); check the recipe (config, model name)"
+        )
+    model.load_state_dict({k: weights[k] for k in own})
+
+
+def load_input(
+    path: str | Path,
+    model: nn.Module,
+    recipe: DictConfig,
+    *,
+    clip_index: int = 0,
+    num_clips: int = 1,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Reads what the model takes, as at test time, and the frames it shows.
+
+    Videos: clip ``clip_index`` of ``num_clips`` spread over the video (the test protocol's temporal
+    sampling: ``data.num_frames`` frames ``data.sampling_rate`` apart), shorter side to ``data.test_scale``,
+    centre crop ``data.test_crop``, normalised with ``data.mean`` / ``data.std``. Images (for detectors): RGB
+    scaled to [0, 1]; the detector resizes and normalises them itself.
+
+    Returns:
+        ``(inputs, frames)``: the model input — (3, T, S, S) for video models, (3, H, W) for detectors — and
+        the uint8 (T, H, W, 3) frames it depicts (T = 1 for an image).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    if _is_detector(model):
+        from PIL import Image
+
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"a detector takes an image ({', '.join(IMAGE_SUFFIXES)}), got {path}")
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255, pixels[None]
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise ValueError(f"{path} is an image; video models take videos (give a detection checkpoint for images)")
+
+    from nlnet.data.transforms import EvalViews
+    from nlnet.data.video import decode_frames, eval_clip_indices
+
+    data = recipe.data
+    num_frames, rate = int(data.num_frames), int(data.sampling_rate)
+    frames, _ = decode_frames(path, lambda n: eval_clip_indices(n, num_frames, rate, clip_index, num_clips))
+    mean, std = _per_channel(data.mean), _per_channel(data.std)
+    clip = EvalViews(int(data.test_scale), int(data.test_crop), 1, mean=mean, std=std)(torch.from_numpy(frames))[0]
+    # The frames drawn are the network's input itself, un-normalised: what it saw, crop and all.
+    shown = clip.permute(1, 2, 3, 0) * torch.tensor(std) + torch.tensor(mean)
+    return clip, shown.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _per_channel(value) -> list[float]:
+    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+    return values * 3 if len(values) == 1 else values
+
+
+def save_attention_figure(
+    checkpoint: str | Path | None,
+    source: str | Path,
+    out: str | Path,
+    *,
+    config: str | Path | None = None,
+    model_name: str | None = None,
+    overrides: Sequence[str] = (),
+    query: Sequence[float] | None = None,
+    auto: str = "motion",
+    block: str | None = None,
+    style: str = "heatmap",
+    top_k: int = 5,
+    clip_index: int = 0,
+    num_clips: int = 1,
+    **save_options,
+) -> AttentionMap:
+    """``nlnet visualize``: a checkpoint and a video (or an image for a detector) to a PNG or GIF.
+
+    Args:
+        checkpoint: see :func:`load_model` (None: an untrained model named by ``config`` / ``model_name``).
+        source: a video file, or an image for a detector.
+        out: ``.png`` or ``.gif`` to write.
+        config, model_name, overrides: see :func:`load_model`.
+        query: (t, y, x) on the displayed frames (the test crop); None picks one (``auto``).
+        auto: ``"motion"`` or ``"attended"`` (see :func:`auto_query`).
+        block: block name; None for the model's last block.
+        style: ``"heatmap"`` or ``"arrows"`` (PNG only).
+        top_k: keys marked.
+        clip_index, num_clips: which test clip of the video (see :func:`load_input`).
+        **save_options: further keyword arguments of :func:`save_attention`.
+
+    Returns:
+        The :class:`AttentionMap` drawn.
+    """
+    model, recipe = load_model(checkpoint, config=config, model_name=model_name, overrides=overrides)
+    inputs, frames = load_input(source, model, recipe, clip_index=clip_index, num_clips=num_clips)
+    amap = attention_map(model, inputs, query, block, auto=auto)
+    save_attention(amap, frames, out, style=style, top_k=top_k, **save_options)
+    return amap
+
+
+def measure_query_dependence(
+    checkpoint: str | Path | None,
+    source: str | Path,
+    *,
+    config: str | Path | None = None,
+    model_name: str | None = None,
+    overrides: Sequence[str] = (),
+    block: str | None = None,
+    num_clips: int = 1,
+    num_queries: int = 64,
+    seed: int = 0,
+) -> dict[str, float]:
+    """:func:`query_dependence` of every (or one) block over ``num_clips`` test clips of a video (or an image).
+
+    Arguments are those of :func:`save_attention_figure` and :func:`query_dependence`.
+    """
+    model, recipe = load_model(checkpoint, config=config, model_name=model_name, overrides=overrides)
+    clips = [
+        load_input(source, model, recipe, clip_index=k, num_clips=num_clips)[0]
+        for k in range(1 if _is_detector(model) else num_clips)
+    ]
+    return query_dependence(model, clips, block, num_queries=num_queries, seed=seed)
