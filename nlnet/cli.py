@@ -173,6 +173,82 @@ def _cmd_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _cmd_visualize(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "visualize",
+        help="draw what a non-local block attends to (PNG/GIF), or measure query dependence (GCNet)",
+        description="Reads a test clip of VIDEO (or IMAGE, for a detection checkpoint) as the test protocol "
+        "does, runs the model and draws where one query position's block looks: a heat map or the paper's "
+        "arrows to the top-k keys. --query-dependence prints GCNet's mean cosine distance between the "
+        "attention maps of different queries, per block. Overrides are dotted KEY=VALUE pairs of the recipe.",
+    )
+    parser.add_argument("--checkpoint", help="nlnet checkpoint (or converted official model); omit: untrained")
+    parser.add_argument("--config", help="YAML recipe (default: the one stored in the checkpoint)")
+    parser.add_argument("--model", help="model name (model.name), e.g. nl_i3d_r50 or maskrcnn_r50_fpn")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--video", help="video file (video models)")
+    source.add_argument("--image", help="image file (detection checkpoints)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--query", metavar="T,Y,X", help="query frame and pixel on the shown crop (Y,X: image)")
+    where.add_argument(
+        "--auto", nargs="?", const="motion", choices=("motion", "attended"),
+        help="pick the query: where the clip moves most (default) or the most attended place",
+    )
+    parser.add_argument("--block", help="block name, e.g. res4.5.nonlocal_block (default: the last one)")
+    parser.add_argument("--style", choices=("heatmap", "arrows"), default="heatmap", help="PNG drawing")
+    parser.add_argument("--top-k", type=int, default=5, help="strongest keys marked (default 5)")
+    parser.add_argument("--clip-index", type=int, default=0, help="which of --num-clips test clips (default 0)")
+    parser.add_argument("--num-clips", type=int, default=1, help="test clips spread over the video (default 1)")
+    parser.add_argument("--fps", type=float, default=4.0, help="GIF frame rate")
+    parser.add_argument("--gif-scale", type=int, default=1, help="GIF enlargement factor")
+    parser.add_argument("--query-dependence", action="store_true", help="print GCNet's measure per block")
+    parser.add_argument("--num-queries", type=int, default=64, help="queries sampled per block and clip")
+    parser.add_argument("--out", help="FILE.png or FILE.gif (figure); FILE.json (--query-dependence)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        from pathlib import Path
+
+        from nlnet.viz import measure_query_dependence, save_attention_figure
+
+        common = {"config": args.config, "model_name": args.model, "overrides": args.overrides}
+        path = args.video or args.image
+        if args.query_dependence:
+            distances = measure_query_dependence(
+                args.checkpoint, path, block=args.block, num_clips=args.num_clips, num_queries=args.num_queries,
+                **common,
+            )
+            width = max(len(name) for name in distances)
+            print(f"{'block':<{width}}  mean cosine distance between queries")
+            for name, distance in distances.items():
+                print(f"{name:<{width}}  {distance:.4f}")
+            if args.out:
+                Path(args.out).write_text(json.dumps(distances, indent=2) + "\n", encoding="utf-8")
+            return 0
+        if not args.out:
+            parser.error("--out FILE.png|FILE.gif is required to draw a figure")
+        query = None
+        if args.query is not None:
+            try:
+                query = tuple(float(v) for v in args.query.split(","))
+            except ValueError:
+                parser.error(f"--query must be T,Y,X (or Y,X for an image), got {args.query!r}")
+        amap = save_attention_figure(
+            args.checkpoint, path, args.out, query=query, auto=args.auto or "motion", block=args.block,
+            style=args.style, top_k=args.top_k, clip_index=args.clip_index, num_clips=args.num_clips,
+            fps=args.fps, gif_scale=args.gif_scale, **common,
+        )
+        t, y, x = amap.query
+        print(f"{amap.block}: query (t, y, x) = ({t:g}, {y:g}, {x:g}) on frames {amap.frame_size}")
+        for rank, (weight, (kt, ky, kx)) in enumerate(amap.top_keys(args.top_k), start=1):
+            print(f"  {rank}. weight {weight:.4f} at (t, y, x) = ({kt:.1f}, {ky:.1f}, {kx:.1f})")
+        print(f"wrote {args.out}")
+        return 0
+
+    parser.set_defaults(func=run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
