@@ -1,0 +1,106 @@
+"""Exact activation memory: the bytes of the tensors autograd keeps from a forward pass for its backward.
+
+Peak process memory is noisy (allocator caching, other threads, the OS); what a layer *saves* for
+backward is not. :class:`SavedTensorCounter` hooks ``torch.autograd.graph.saved_tensors_hooks`` and
+records every tensor an autograd node saves (``ctx.save_for_backward`` included), counting each underlying
+storage once at its full size, so views and repeated saves of one tensor are not double-counted. Storages
+of tensors the caller excludes (the input, the parameters and buffers) are skipped: they exist whether or
+not a graph is kept.
+
+Limits: tensors a custom ``autograd.Function`` stores as plain ``ctx`` attributes, and inputs that
+``torch.utils.checkpoint`` keeps by reference, bypass the hooks and are not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+StorageKey = tuple[str, int]
+
+
+def _storage_key(tensor: torch.Tensor) -> StorageKey | None:
+    """(device, data pointer) of the tensor's storage, or None for tensors without one (e.g. nested)."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    if storage.data_ptr() == 0:
+        return None
+    return str(tensor.device), storage.data_ptr()
+
+
+class SavedTensorCounter:
+    """Context manager that counts the bytes autograd saves for backward inside its ``with`` block.
+
+    Args:
+        exclude: tensors whose storages are not counted (typically the inputs, parameters and buffers).
+
+    Example::
+
+        with SavedTensorCounter(exclude=[x, *block.parameters()]) as counter:
+            y = block(x)
+        counter.nbytes  # activation bytes kept alive by y's graph
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self._excluded = {key for key in map(_storage_key, exclude) if key is not None}
+        self._saved: dict[StorageKey, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if key is not None and key not in self._excluded:
+            self._saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    @staticmethod
+    def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of the distinct saved storages seen so far."""
+        return sum(self._saved.values())
+
+    @property
+    def num_storages(self) -> int:
+        """Number of distinct saved storages seen so far."""
+        return len(self._saved)
+
+    def __enter__(self) -> SavedTensorCounter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._hooks.__exit__(exc_type, exc, traceback)
+
+
+def saved_activation_bytes(module: nn.Module, *inputs: torch.Tensor, **kwargs: Any) -> int:
+    """Bytes of the activations ``module(*inputs, **kwargs)`` keeps for backward.
+
+    The inputs (and any tensor keyword arguments), the module's parameters and its buffers are excluded, as
+    are views of them. The forward output is discarded.
+
+    Args:
+        module: the module to run; put it in the mode (train/eval) you want measured.
+        *inputs: positional tensor inputs, e.g. a (B, C, T, H, W) clip.
+        **kwargs: keyword arguments passed to the forward.
+
+    Returns:
+        The number of bytes.
+    """
+    exclude = [*inputs, *(v for v in kwargs.values() if isinstance(v, torch.Tensor))]
+    exclude += [*module.parameters(), *module.buffers()]
+    with SavedTensorCounter(exclude=exclude) as counter:
+        module(*inputs, **kwargs)
+    return counter.nbytes

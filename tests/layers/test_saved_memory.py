@@ -1,0 +1,78 @@
+"""The saved-activation counter counts exactly what autograd keeps, and nlnet's block keeps less than the
+explicit N×M path (an exact property, not a timing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nlnet import NonLocalBlock
+from nlnet.utils import SavedTensorCounter, saved_activation_bytes
+
+MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+
+
+def test_counts_a_saved_result_once_at_its_size():
+    x = torch.randn(3, 5, requires_grad=True)
+    with SavedTensorCounter(exclude=[x]) as counter:
+        y = x.exp()  # exp saves its result for backward
+    assert counter.nbytes == y.nbytes == 3 * 5 * 4
+    assert counter.num_storages == 1
+
+
+def test_excludes_inputs_parameters_and_their_views():
+    x = torch.randn(4, 6, requires_grad=True)
+    weight = nn.Parameter(torch.randn(6))
+    with SavedTensorCounter(exclude=[x, weight]) as counter:
+        (x[:, :3] * weight[:3]).sum()  # mul saves both operands: views of excluded storages
+    assert counter.nbytes == 0
+
+
+def test_counts_an_intermediate_kept_for_a_parameter_gradient():
+    x = torch.randn(4, 6, requires_grad=True)
+    weight = nn.Parameter(torch.randn(6))
+    with SavedTensorCounter(exclude=[x, weight]) as counter:
+        hidden = x * 2.0  # multiplying by a Python number saves nothing
+        hidden * weight  # saves hidden (for weight's gradient) and weight (excluded)
+    assert counter.nbytes == hidden.nbytes == 4 * 6 * 4
+
+
+def test_a_view_counts_its_whole_storage_and_repeated_saves_count_once():
+    x = torch.randn(8, 10, requires_grad=True)
+    weight = nn.Parameter(torch.randn(2))
+    with SavedTensorCounter(exclude=[x, weight]) as counter:
+        hidden = x * 3.0
+        part = hidden[:, :2]  # a view into hidden's (8, 10) storage
+        part * weight
+        part * part  # saves the same storage twice more
+    assert counter.num_storages == 1
+    assert counter.nbytes == hidden.untyped_storage().nbytes() == 8 * 10 * 4
+
+
+def test_module_helper_excludes_parameters_and_inputs():
+    torch.manual_seed(0)
+    linear = nn.Linear(7, 5)
+    x = torch.randn(3, 7, requires_grad=True)
+    assert saved_activation_bytes(linear, x) == 0  # keeps only x and its weight
+    relu_net = nn.Sequential(nn.Linear(7, 5), nn.ReLU())
+    assert saved_activation_bytes(relu_net, x) == 3 * 5 * 4  # + the ReLU output
+    double = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 2))
+    # tanh saves its output, which the second linear also saves: one (3, 5) storage.
+    assert saved_activation_bytes(double, x) == 3 * 5 * 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_block_saves_at_most_three_quarters_of_the_explicit_path(mode):
+    # NL-I3D res3 (C=512, 4×28×28, batch 2) scaled by 1/4 in channels and in positions: every saved tensor
+    # (N×C, M×C or N×M) shrinks by the same factor 16, so the ratio is the paper shape's ratio.
+    torch.manual_seed(0)
+    fast = NonLocalBlock(128, mode=mode).train()
+    explicit = NonLocalBlock(128, mode=mode, impl="explicit").train()
+    explicit.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 128, 4, 14, 14, requires_grad=True)
+    fast_bytes = saved_activation_bytes(fast, x)
+    explicit_bytes = saved_activation_bytes(explicit, x)
+    # The explicit path keeps at least its (B, N, M) weights: a sanity floor for the counter itself.
+    assert explicit_bytes >= 2 * (4 * 14 * 14) * (4 * 7 * 7) * 4
+    assert fast_bytes <= 0.75 * explicit_bytes, (mode, fast_bytes, explicit_bytes)
