@@ -717,7 +717,8 @@ def load_model(
     from nlnet.engine import load_checkpoint
     from nlnet.models import detection as detection_models
 
-    if checkpoint is None and config is None and model_name is None:
+    named = model_name is not None or any(item.startswith("model.name=") for item in overrides)
+    if checkpoint is None and config is None and not named:
         raise ValueError("give a checkpoint, a config or a model name: nothing says which model to show")
     state = load_checkpoint(checkpoint) if checkpoint is not None else {}
     stored = state.get("config") if isinstance(state.get("config"), dict) else None

