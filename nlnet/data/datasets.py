@@ -439,11 +439,7 @@ class VideoClipDataset(Dataset):
                 [eval_clip_indices(n, frames_per_clip, rate, k, num_clips) for k in range(num_clips)]
             ),
         )
-        # All clips share one resize: (K*T, H, W, 3) -> (crops, 3, K*T, S, S) -> (K*crops, 3, T, S, S).
-        views = self.eval_views(torch.from_numpy(frames))
-        crops, channels, _, size, _ = views.shape
-        views = views.view(crops, channels, num_clips, frames_per_clip, size, size).permute(2, 0, 1, 3, 4, 5)
-        return views.reshape(num_clips * crops, channels, frames_per_clip, size, size)
+        return self.eval_views(torch.from_numpy(frames), num_clips)
 
     def _label(self, record: VideoRecord) -> torch.Tensor:
         if self.multi_label:

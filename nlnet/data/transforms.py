@@ -82,23 +82,31 @@ def crop_offsets(length: int, size: int, num_crops: int) -> list[int]:
 
 
 def normalize(frames: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float]) -> torch.Tensor:
-    """Turn uint8 frames into a normalised float clip.
+    """Turn uint8 frames into normalised float clips, channels first.
 
     Args:
-        frames: uint8 tensor (T, H, W, 3), RGB.
+        frames: uint8 tensor (..., T, H, W, 3), RGB; leading dims (e.g. views) are kept.
         mean: per-channel (RGB) or shared mean in pixel units (0-255).
         std: per-channel (RGB) or shared standard deviation in pixel units.
 
     Returns:
-        float32 tensor (3, T, H, W) equal to ``(frames - mean) / std``.
+        float32 tensor (..., 3, T, H, W) equal to ``(frames - mean) / std``.
     """
-    _check_frames(frames)
+    if frames.dtype != torch.uint8 or frames.ndim < 4 or frames.shape[-1] != 3:
+        raise ValueError(
+            f"expected uint8 frames of shape (..., T, H, W, 3), got dtype {frames.dtype} "
+            f"and shape {tuple(frames.shape)}"
+        )
     mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
     std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
     if mean_t.numel() not in (1, 3) or std_t.numel() not in (1, 3):
         raise ValueError(f"mean and std must be one number or 3 (RGB), got mean={mean}, std={std}")
-    clip = frames.permute(3, 0, 1, 2).to(torch.float32)  # (T, H, W, 3) -> (3, T, H, W)
-    return (clip - mean_t.view(-1, 1, 1, 1)) / std_t.view(-1, 1, 1, 1)
+    channels_first = frames.movedim(-1, -4)  # (..., T, H, W, 3) -> (..., 3, T, H, W), a strided view
+    # Converting into a contiguous buffer, then working in place, is ~2x faster than broadcasting arithmetic
+    # over the strided view.
+    clip = torch.empty(channels_first.shape, dtype=torch.float32)
+    clip.copy_(channels_first)
+    return clip.sub_(mean_t.view(-1, 1, 1, 1)).div_(std_t.view(-1, 1, 1, 1))
 
 
 class TrainAugment:
@@ -188,16 +196,20 @@ class EvalViews:
         self.mean = mean
         self.std = std
 
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        """Cut the views of one clip.
+    def __call__(self, frames: torch.Tensor, num_clips: int = 1) -> torch.Tensor:
+        """Cut the views of ``num_clips`` clips of equal length, stored one after the other.
 
         Args:
-            frames: uint8 tensor (T, H, W, 3), RGB.
+            frames: uint8 tensor (num_clips * T, H, W, 3), RGB.
+            num_clips: number of clips in ``frames``; they share one resize.
 
         Returns:
-            float32 tensor (num_crops, 3, T, crop_size, crop_size), crops ordered from the start of the longer
-            side to its end.
+            float32 tensor (num_clips * num_crops, 3, T, crop_size, crop_size), clip-major: view
+            ``k * num_crops + j`` is crop ``j`` of clip ``k``; crops go from the start of the longer side to its
+            end.
         """
+        if num_clips < 1 or frames.shape[0] % num_clips:
+            raise ValueError(f"{frames.shape[0]} frames cannot be split into {num_clips} clips of equal length")
         frames = resize_short_side(frames, self.scale)
         height, width = frames.shape[1:3]
         size = self.crop_size
@@ -207,7 +219,12 @@ class EvalViews:
         else:
             left = (width - size) // 2
             corners = [(top, left) for top in crop_offsets(height, size, self.num_crops)]
-        return torch.stack([normalize(frames[:, t : t + size, l : l + size], self.mean, self.std) for t, l in corners])
+        clip_frames = frames.shape[0] // num_clips
+        # Crop in uint8: (crops, K*T, S, S, 3) -> (crops, K, T, S, S, 3) -> (K, crops, T, S, S, 3).
+        crops = torch.stack([frames[:, t : t + size, l : l + size] for t, l in corners])
+        crops = crops.view(len(corners), num_clips, clip_frames, size, size, 3).transpose(0, 1)
+        views = crops.reshape(num_clips * len(corners), clip_frames, size, size, 3)
+        return normalize(views, self.mean, self.std)
 
 
 def _check_frames(frames: torch.Tensor) -> None:

@@ -148,3 +148,13 @@ def test_train_scale_jitter_draws_every_integer_in_the_inclusive_range():
         TrainAugment((20, 30), 24)
     with pytest.raises(ValueError, match="jitter_scales"):
         TrainAugment((30, 20), 16)
+
+
+def test_eval_views_of_several_clips_are_clip_major():
+    frames = column_coded(6, 20, 30)  # two clips of 3 frames; blue = frame index
+    views = EvalViews(20, 20, 2)(frames, num_clips=2)
+    assert views.shape == (4, 3, 3, 20, 20)
+    pixels = [unnormalize(view).round() for view in views]
+    assert [(int(p[0, 0, 0, 0]), int(p[0, 0, 0, 2])) for p in pixels] == [(0, 0), (10, 0), (0, 3), (10, 3)]
+    with pytest.raises(ValueError, match="equal length"):
+        EvalViews(20, 20, 2)(frames, num_clips=4)
