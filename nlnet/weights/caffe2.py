@@ -201,7 +201,7 @@ def load_blobs(model: nn.Module, blobs: Mapping[str, np.ndarray]) -> LoadReport:
             # pred_w saved from the fully-convolutional test net as (K, C, 1, 1, 1).
             tensor = tensor.reshape(target_shape)
         fitted[key] = inflate_kernel(tensor, target_shape, name=blob)
-        if fitted[key] is not tensor:
+        if tensor.dim() == 4 and fitted[key].shape[2] > 1:
             report.inflated.append(key)
     frozen_bn = []
     for module_name, module in model.named_modules():

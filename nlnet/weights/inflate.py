@@ -25,7 +25,7 @@ class LoadReport:
 
     Attributes:
         loaded: model keys given values from the source.
-        inflated: the subset of ``loaded`` whose kernels were inflated over time.
+        inflated: the subset of ``loaded`` whose 2D kernels were inflated to a temporal kernel > 1.
         missing: model keys the source had nothing for (they keep their initialisation).
         unexpected: source entries that went nowhere.
         notes: anything else worth knowing (skipped entries, conventions applied).
@@ -123,7 +123,7 @@ def load_2d(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Ten
             fitted = inflate_kernel(value, target.shape, name=key)
             target.copy_(fitted)
             report.loaded.append(target_key)
-            if fitted is not value:
+            if value.dim() == 4 and fitted.shape[2] > 1:
                 report.inflated.append(target_key)
     filled = set(report.loaded)
     report.missing = [key for key in targets if key not in filled]
