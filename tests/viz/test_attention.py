@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from nlnet import NonLocalBlock
-from nlnet.viz import attention_map, block_attention, query_dependence, save_attention
+from nlnet.viz import attention_map, auto_query, block_attention, query_dependence, save_attention
 
 AMPLITUDE = 30.0
 
@@ -176,3 +176,62 @@ def test_png_and_gif_files(tmp_path):
     gif = save_attention(amap, pictures, tmp_path / "clip.gif", gif_scale=2)
     with Image.open(gif) as image:
         assert image.format == "GIF" and image.n_frames == 8 and image.size == (96, 64)
+
+
+def test_auto_query_motion_and_attended():
+    grid = (2, 4, 4)
+    model = CodedBlockModel(grid, None, (1, 2, 2))
+    frames = torch.zeros(1, 3, 8, 32, 32)
+    frames[0, :, 5, 16:24, 8:16] = 1.0  # a patch flashes in frame 5 (time cell 1), rows 16..23, columns 8..15
+    assert auto_query(model, frames, strategy="motion") == attention_map(model, frames, None).query
+    amap = attention_map(model, frames, None, auto="motion")
+    assert amap.query_cell == (1, 2, 1)
+
+    with torch.no_grad():
+        # Query-independent logits that grow with the key's position codes: the last key (t'=1, y'=1, x'=1)
+        # gets the most attention from every query, so "attended" puts the query inside it.
+        model.block.theta.bias.copy_(torch.linspace(-1, 1, math.prod(grid)) * AMPLITUDE / 4)
+    t, y, x = attention_map(model, frames, None, auto="attended").query
+    assert 4 <= t < 8 and 16 <= y < 32 and 16 <= x < 32
+    with pytest.raises(ValueError, match="auto must be one of"):
+        attention_map(model, frames, None, auto="random")
+
+
+class MemoryModel(nn.Module):
+    """A 2D block whose queries (2x2 grid) read keys from a finer 4x4 memory, each query a chosen key."""
+
+    def __init__(self, targets: dict[int, int], keyword: bool):
+        super().__init__()
+        keys = 16
+        x_codes = torch.zeros(1, keys, 2, 2)
+        for query, target in targets.items():
+            x_codes[0, target, query // 2, query % 2] = AMPLITUDE
+        self.register_buffer("x_codes", x_codes)
+        self.register_buffer("memory", torch.eye(keys).reshape(1, keys, 4, 4) * AMPLITUDE)
+        self.block = NonLocalBlock(keys, keys, dim=2, pool=None, norm=None)
+        self.keyword = keyword
+        with torch.no_grad():
+            for conv in (self.block.theta, self.block.phi):
+                conv.weight.copy_(torch.eye(keys).reshape(conv.weight.shape))
+                conv.bias.zero_()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.keyword:
+            return self.block(self.x_codes, memory=self.memory).mean()
+        return self.block(self.x_codes, self.memory).mean()
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_keys_from_memory_use_the_memory_grid(keyword):
+    # 32x32 image: queries on a 2x2 grid (16 pixels a cell), keys on the 4x4 memory (8 pixels a cell).
+    targets = {0: 15, 1: 4, 2: 9, 3: 2}
+    model = MemoryModel(targets, keyword)
+    image = torch.zeros(1, 3, 32, 32)
+    for query, target in targets.items():
+        qy, qx = divmod(query, 2)
+        amap = attention_map(model, image, (16 * qy + 5, 16 * qx + 9))
+        assert amap.query_cell == (0, qy, qx)
+        assert amap.weights.shape == (1, 4, 4)
+        ty, tx = divmod(target, 4)
+        _, center = amap.top_keys(1)[0]
+        assert center == pytest.approx((0.0, midpoint(8 * ty, 8 * ty + 7), midpoint(8 * tx, 8 * tx + 7)))
