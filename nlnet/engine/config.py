@@ -8,7 +8,7 @@ ignored setting. ``model.overrides`` is the one open mapping; it is forwarded to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["DEFAULTS", "load_config", "validate_config"]
+__all__ = ["DEFAULTS", "complete_config", "load_config", "validate_config"]
 
 DEFAULTS: dict[str, Any] = {
     # Seed of everything random: sampler order, augmentation, initialisation, dropout.
@@ -161,6 +161,20 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
         raise ValueError(f"invalid configuration ({path}): {err}") from err
     validate_config(cfg)
     return cfg
+
+
+def complete_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
+    """Fills in schema defaults for the keys ``cfg`` lacks and validates it (for configs built in Python).
+
+    Raises:
+        ValueError: a key is not in the schema or a value is invalid.
+    """
+    try:
+        merged = OmegaConf.merge(_schema(), cfg)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"invalid configuration: {err}") from err
+    validate_config(merged)
+    return merged
 
 
 def validate_config(cfg: DictConfig) -> None:

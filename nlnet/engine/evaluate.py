@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score
 from torch import nn
 
+from nlnet.engine.config import complete_config
 from nlnet.engine.distributed import DistContext, all_gather_objects, cleanup_distributed, setup_distributed
 from nlnet.engine.sampler import ResumableSampler
 
@@ -223,7 +224,7 @@ def _video_name(dataset: Any, index: int) -> str:
 
 
 def test(
-    cfg: DictConfig,
+    cfg: DictConfig | dict,
     checkpoint: str | Path,
     *,
     single_view: bool = False,
@@ -234,7 +235,8 @@ def test(
     """Evaluates a checkpoint on ``data.test_list`` with the official protocol and writes per-video scores.
 
     Args:
-        cfg: the recipe the checkpoint was trained with (model and data keys are used).
+        cfg: the recipe the checkpoint was trained with (model and data keys are used); a partial config or
+            dict is completed with the schema defaults.
         checkpoint: an nlnet training checkpoint or a plain model state dict.
         single_view: one centre clip with a centre crop instead of test_clips x test_crops views.
         split: "test" or "val".
@@ -246,6 +248,7 @@ def test(
     """
     from nlnet.engine.train import build_model, load_model_weights
 
+    cfg = complete_config(cfg)
     ctx = setup_distributed(device)
     try:
         model_cfg = cfg.model.copy()

