@@ -242,7 +242,7 @@ def _cmd_visualize(subparsers: argparse._SubParsersAction) -> None:
         t, y, x = amap.query
         print(f"{amap.block}: query (t, y, x) = ({t:g}, {y:g}, {x:g}) on frames {amap.frame_size}")
         for rank, (weight, (kt, ky, kx)) in enumerate(amap.top_keys(args.top_k), start=1):
-            print(f"  {rank}. weight {weight:.4f} at (t, y, x) = ({kt:.1f}, {ky:.1f}, {kx:.1f})")
+            print(f"  {rank}. weight {weight:.4g} at (t, y, x) = ({kt:.1f}, {ky:.1f}, {kx:.1f})")
         print(f"wrote {args.out}")
         return 0
 

@@ -539,12 +539,13 @@ def plot_attention(
     fig = Figure(figsize=(len(panels) * panel_width / dpi, (panel_height + title_height) / dpi), dpi=dpi)
     fig.text(0.5, 1 - 20 / (panel_height + title_height), _title(amap), ha="center", va="center", fontsize=7)
     heat = amap.upsampled()
-    low, high = min(0.0, float(amap.weights.min())), float(amap.weights.max()) or 1.0
+    low, high = _colour_range(amap)
     axes = {}
     for column, (key_slice, frame) in enumerate(panels):
         box = (column / len(panels), 0, 1 / len(panels), panel_height / (panel_height + title_height))
         ax = fig.add_axes(box)
         ax.imshow(frames[frame])
+        ax.set_autoscale_on(False)  # markers and arrows must not widen the view beyond the frame
         if style == "heatmap":
             ax.imshow(heat[frame], cmap="jet", alpha=0.45, vmin=low, vmax=high)
         ax.set_axis_off()
@@ -572,9 +573,19 @@ def plot_attention(
     return fig
 
 
+def _colour_range(amap: AttentionMap) -> tuple[float, float]:
+    """Colour scale of the heat maps: the map's own range, so that near-uniform maps still show structure."""
+    low, high = float(amap.weights.min()), float(amap.weights.max())
+    return low, max(high, low + 1e-12)
+
+
 def _title(amap: AttentionMap) -> str:
     t, y, x = (round(v) for v in amap.query)
-    return f"{amap.block}\nquery (t, y, x) = ({t}, {y}, {x}), top weight {float(amap.weights.max()):.3g}"
+    low, high = _colour_range(amap)
+    return (
+        f"{amap.block}, query (t, y, x) = ({t}, {y}, {x})\n"
+        f"weights {low:.3g} (blue) to {high:.3g} (red); 1/M = {1 / amap.weights.size:.3g}"
+    )
 
 
 def _check_frames(frames: np.ndarray, frame_size: tuple[int, int, int]) -> np.ndarray:
@@ -609,8 +620,8 @@ def render_gif_frames(
         raise ValueError(f"scale must be a positive int, got {scale!r}")
     frames = _check_frames(frames, amap.frame_size)
     heat = amap.upsampled()
-    low, high = min(0.0, float(amap.weights.min())), float(amap.weights.max()) or 1.0
-    colored = colormaps["jet"]((heat - low) / (high - low))[..., :3] * 255  # (T, H, W, 3)
+    low, high = _colour_range(amap)
+    colored = colormaps["jet"](np.clip((heat - low) / (high - low), 0, 1))[..., :3] * 255  # (T, H, W, 3)
     blended = (0.55 * frames + 0.45 * colored).round().clip(0, 255).astype(np.uint8)
     keys = amap.top_keys(top_k) if top_k else []
     query_slice = amap.key_slice(int(amap.query[0]))
