@@ -330,8 +330,12 @@ class NonLocalBlock(nn.Module):
             and type(norm) is _BATCH_NORM[self.dim]
         )
         if fused:
-            out, mean, var = _ProjectBatchNorm.apply(y, weight, self.out.bias, norm.weight, norm.bias, norm.eps)
-            _update_running_stats(norm, mean, var, count=y.shape[0] * y.shape[1])
+            norm.num_batches_tracked.add_(1)
+            # momentum=None means a cumulative average, as in nn.BatchNorm.
+            factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            out = _ProjectBatchNorm.apply(
+                y, weight, self.out.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var, factor, norm.eps
+            )
             return out.view(shape)
         with torch.autocast(y.device.type, enabled=False):
             projected = torch.baddbmm(
@@ -345,39 +349,31 @@ class _ProjectBatchNorm(torch.autograd.Function):
     """Training-mode BN(W y + b) that keeps y (already kept by the attention) instead of W y + b.
 
     The BatchNorm input is the block's largest activation (C × N); storing it costs more memory than
-    recomputing it in backward costs time (one C × d GEMM).
+    recomputing it in backward costs time (one C × d GEMM). The normalisation itself is torch's own kernel,
+    which also updates the running statistics.
     """
 
     @staticmethod
-    def forward(ctx, y, weight, bias, gamma, beta, eps):
-        # (B, C, N); statistics in float32 at least, whatever the autocast dtype of the projection.
-        projected = _project_for_norm(y, weight, bias).to(_stats_dtype(y))
-        var, mean = torch.var_mean(projected, dim=(0, 2), correction=0)
-        invstd = torch.rsqrt(var + eps)
-        out = (projected - mean[:, None]) * (invstd * gamma)[:, None] + beta[:, None]
+    def forward(ctx, y, weight, bias, gamma, beta, running_mean, running_var, momentum, eps):
+        projected = _project_for_norm(y, weight, bias)  # (B, C, N)
+        out, mean, invstd = torch.native_batch_norm(
+            projected, gamma, beta, running_mean, running_var, True, momentum, eps
+        )
         ctx.save_for_backward(y, weight, bias, gamma, mean, invstd)
-        ctx.mark_non_differentiable(mean, var)
-        return out.to(y.dtype), mean, var
+        ctx.eps = eps
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var):
+    def backward(ctx, grad_out):
         y, weight, bias, gamma, mean, invstd = ctx.saved_tensors
-        projected = _project_for_norm(y, weight, bias).to(_stats_dtype(y))
-        normalised = (projected - mean[:, None]) * invstd[:, None]
-        grad_out = grad_out.to(normalised.dtype)
-        grad_beta = grad_out.sum((0, 2))
-        grad_gamma = (grad_out * normalised).sum((0, 2))
-        grad_normalised = grad_out * gamma[:, None]
-        grad_projected = (
-            grad_normalised
-            - grad_normalised.mean((0, 2))[:, None]
-            - normalised * (grad_normalised * normalised).mean((0, 2))[:, None]
-        ) * invstd[:, None]
+        projected = _project_for_norm(y, weight, bias)
+        grad_projected, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(), projected, gamma, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+        )
         grad_bias = grad_projected.sum((0, 2)).to(bias.dtype)
-        grad_projected = grad_projected.to(y.dtype)
         grad_weight = torch.bmm(grad_projected, y).sum(0).to(weight.dtype)  # (B, C, N) @ (B, N, d)
         grad_y = torch.bmm(grad_projected.mT, weight.to(y.dtype).expand(y.shape[0], -1, -1))
-        return grad_y, grad_weight, grad_bias, grad_gamma.to(gamma.dtype), grad_beta.to(gamma.dtype), None
+        return grad_y, grad_weight, grad_bias, grad_gamma, grad_beta, None, None, None, None
 
 
 def _stats_dtype(y: torch.Tensor) -> torch.dtype:
@@ -387,16 +383,6 @@ def _stats_dtype(y: torch.Tensor) -> torch.dtype:
 def _project_for_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     with torch.autocast(y.device.type, enabled=False):
         return torch.baddbmm(bias.to(y.dtype)[:, None], weight.to(y.dtype).expand(y.shape[0], -1, -1), y.mT)
-
-
-@torch.no_grad()
-def _update_running_stats(norm: nn.modules.batchnorm._BatchNorm, mean, var, count: int) -> None:
-    """The running-statistics update F.batch_norm makes in training (unbiased variance, momentum or average)."""
-    norm.num_batches_tracked.add_(1)
-    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-    unbiased = var * (count / max(count - 1, 1))
-    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
 
 
 def _project(features: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:

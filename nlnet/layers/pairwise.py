@@ -137,14 +137,54 @@ def concatenation_attention(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -
     Returns:
         (B, N, dv).
     """
-    keys = b.shape[1]
-    b_sorted, order = torch.sort(b, dim=-1)
-    v_sorted = torch.gather(v, 1, order[:, :, None].expand_as(v))
-    # Suffix sums with a trailing zero row: S[k] = Σ_{j >= k} over the ascending order, S[M] = 0.
-    stacked = torch.cat([v_sorted, b_sorted[:, :, None] * v_sorted], dim=-1)
+    return _ConcatenationAttention.apply(a, b, v)
+
+
+class _ConcatenationAttention(torch.autograd.Function):
+    """The concatenation kernel with a backward of the same kind: it keeps a, b and v, nothing of size N·d.
+
+    The pair (i, j) is active when a_i + b_j > 0. Forward sums, for each query, over the keys sorted by b; the
+    gradients of b and v need, for each key, sums over the active queries, which are a suffix of the queries
+    sorted by a.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        sum_v, sum_bv = _active_suffix_sums(b, a, v, with_weighted=True)
+        ctx.save_for_backward(a, b, v)
+        return (a[:, :, None] * sum_v + sum_bv) / b.shape[1]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        a, b, v = ctx.saved_tensors
+        keys = b.shape[1]
+        (sum_v,) = _active_suffix_sums(b, a, v, with_weighted=False)
+        grad_a = (grad_y * sum_v).sum(-1) / keys
+        # For key j the active queries are those with a_i > -b_j: Σ dy_i and Σ a_i dy_i over them.
+        sum_dy, sum_ady = _active_suffix_sums(a, b, grad_y.contiguous(), with_weighted=True)
+        grad_b = (v * sum_dy).sum(-1) / keys
+        grad_v = (sum_ady + b[:, :, None] * sum_dy) / keys
+        return grad_a, grad_b, grad_v
+
+
+def _active_suffix_sums(sorted_by: torch.Tensor, other: torch.Tensor, values: torch.Tensor, with_weighted: bool):
+    """For every entry o of ``other``: Σ values_j and optionally Σ sorted_by_j·values_j over j with s_j + o > 0.
+
+    Args:
+        sorted_by: (B, M) terms s_j of the side being summed over.
+        other: (B, N) terms o_i of the side asking.
+        values: (B, M, D) summed vectors.
+
+    Returns:
+        One or two (B, N, D) tensors.
+    """
+    keys_sorted, order = torch.sort(sorted_by, dim=-1)
+    values_sorted = torch.gather(values, 1, order[:, :, None].expand_as(values))
+    parts = [values_sorted, keys_sorted[:, :, None] * values_sorted] if with_weighted else [values_sorted]
+    stacked = torch.cat(parts, dim=-1)
+    # Suffix sums with a trailing zero row: S[k] = Σ_{j >= k} in ascending order of s, S[M] = 0.
     suffix = F.pad(stacked.flip(1).cumsum(1).flip(1), (0, 0, 0, 1))
-    # k_i = number of keys with b_j <= -a_i; keys from k_i on satisfy a_i + b_j > 0.
-    first_active = torch.searchsorted(b_sorted.detach(), (-a).detach().contiguous(), right=True)
+    # The first active index: the number of s_j <= -o_i.
+    first_active = torch.searchsorted(keys_sorted, (-other).contiguous(), right=True)
     gathered = torch.gather(suffix, 1, first_active[:, :, None].expand(-1, -1, suffix.shape[-1]))
-    sum_v, sum_bv = gathered.split(v.shape[-1], dim=-1)
-    return (a[:, :, None] * sum_v + sum_bv) / keys
+    return gathered.split(values.shape[-1], dim=-1)
