@@ -6,8 +6,8 @@ its non-local block weighs most. Here that is three steps:
 1. run the model once with a forward pre-hook on the block that records its input (and ``memory`` when one is
    given), stopping the forward there, then call ``block.attention(x)`` in eval mode: the (B, N, M) weights;
 2. map positions between the frames the model was given and the block's grids. With ``S`` the frame size and
-   ``F`` the feature size along one axis, a feature cell spans ``S / F`` pixels (a float: the official stem
-   turns 224 into 55 at res2); a key cell of a block that max-pools with kernel ``k`` spans ``k · S / F``.
+   ``F`` the feature size along one axis, a feature cell spans ``S / F`` pixels (a float in general, e.g.
+   224 pixels over 55 cells); a key cell of a block that max-pools with kernel ``k`` spans ``k · S / F``.
    Pixel ``c`` (pixel centres at integers, as in NumPy indexing and ``imshow``) lies in cell
    ``floor((c + 0.5) / span)``, and cell ``i`` has its centre at ``(i + 0.5) · span - 0.5``. Pooling floors
    the grid, so the last ``F mod k`` feature cells belong to no key;
@@ -234,9 +234,13 @@ def _blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
 
 
 def _prepare(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Adds the batch axis the model expects (not for detectors, which take a list of (3, H, W) images)."""
+    """Moves ``inputs`` to the model's device and adds the batch axis it expects (not for detectors, which take
+    a list of (3, H, W) images)."""
     if not isinstance(inputs, torch.Tensor):
         raise ValueError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    parameter = next(model.parameters(), None)
+    if parameter is not None:
+        inputs = inputs.to(parameter.device)
     if _is_detector(model):
         if inputs.dim() != 3 or inputs.shape[0] != 3:
             raise ValueError(f"a detector takes one (3, H, W) image in [0, 1], got {tuple(inputs.shape)}")
@@ -297,7 +301,7 @@ def _attention_rows(model: nn.Module, captured: dict) -> dict[str, torch.Tensor]
         block.eval()
         try:
             with torch.no_grad():
-                result[name] = block.attention(x, memory)[0].float()  # (N, M)
+                result[name] = block.attention(x, memory)[0].float().cpu()  # (N, M)
         finally:
             block.train(was_training)
     return result
