@@ -20,7 +20,7 @@ from nlnet.cli import main
 from nlnet.data.video import decode_frames
 from nlnet.engine import load_config, save_checkpoint
 from nlnet.models import create, nonlocal_blocks
-from nlnet.viz import attention_map, load_input, load_model
+from nlnet.viz import attention_map, load_input, load_model, save_attention
 
 NUM_FRAMES, CROP = 8, 64
 SMALL_VIDEO_MODEL = [
@@ -150,3 +150,23 @@ def test_detection_checkpoint_on_an_image(tmp_path):
     assert amap.key_span == pytest.approx((1.0, 25.0, 25.0))
     assert amap.query_cell == (0, 4, 6)
     assert amap.key_centers[0, 0, 0] == pytest.approx((0.0, 12.0, 12.0))  # pixels 0..24 -> centre 12
+
+
+@pytest.mark.slow
+def test_paper_model_geometry_on_real_footage(tmp_path):
+    # NL-I3D R50 as in the paper's Table 1: 32 frames -> res3 4 x 28 x 28 at 224 (stride 8 in time and
+    # space); at the 256 test crop res3 is 4 x 32 x 32 and its 1x2x2-pooled keys 4 x 16 x 16, each covering
+    # 8 frames and 16 x 16 pixels. res4 is 4 x 16 x 16, keys 4 x 8 x 8 of 8 frames and 32 x 32 pixels.
+    model, recipe = load_model(None, model_name="nl_i3d_r50")
+    clip, frames = load_input(real_video("bigbuckbunny"), model, recipe)
+    assert clip.shape == (3, 32, 256, 256)
+    amap = attention_map(model, clip, (20, 92, 84), "res3.3.nonlocal_block")
+    assert amap.weights.shape == (4, 16, 16) and amap.key_span == (8.0, 16.0, 16.0)
+    assert amap.query_cell == (20 // 8, 92 // 8, 84 // 8)
+    assert amap.weights.sum() == pytest.approx(1.0, abs=1e-5)
+    amap = attention_map(model, clip, (20, 92, 84), "res4.5.nonlocal_block")
+    assert amap.weights.shape == (4, 8, 8) and amap.key_span == (8.0, 32.0, 32.0)
+    out = tmp_path / "paper_model.gif"
+    save_attention(amap, frames, out)
+    with Image.open(out) as image:
+        assert image.n_frames == 32 and image.size == (256, 256)
