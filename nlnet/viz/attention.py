@@ -869,7 +869,7 @@ def _per_channel(value) -> list[float]:
 
 def save_attention_figure(
     checkpoint: str | Path | None,
-    source: str | Path,
+    source: str | Path | None,
     out: str | Path,
     *,
     config: str | Path | None = None,
@@ -888,7 +888,8 @@ def save_attention_figure(
 
     Args:
         checkpoint: see :func:`load_model` (None: an untrained model named by ``config`` / ``model_name``).
-        source: a video file, or an image for a detector.
+        source: a video file, or an image for a detector; None takes the first video of the recipe's test
+            split (``data.test_list``), e.g. of the built-in set a checkpoint was trained on.
         out: ``.png`` or ``.gif`` to write.
         config, model_name, overrides: see :func:`load_model`.
         query: (t, y, x) on the displayed frames (the test crop); None picks one (``auto``).
@@ -903,6 +904,7 @@ def save_attention_figure(
         The :class:`AttentionMap` drawn.
     """
     model, recipe = load_model(checkpoint, config=config, model_name=model_name, overrides=overrides)
+    source = _source_or_first_test_video(source, model, recipe)
     inputs, frames = load_input(source, model, recipe, clip_index=clip_index, num_clips=num_clips)
     amap = attention_map(model, inputs, query, block, auto=auto)
     save_attention(amap, frames, out, style=style, top_k=top_k, **save_options)
@@ -911,7 +913,7 @@ def save_attention_figure(
 
 def measure_query_dependence(
     checkpoint: str | Path | None,
-    source: str | Path,
+    source: str | Path | None,
     *,
     config: str | Path | None = None,
     model_name: str | None = None,
@@ -926,8 +928,19 @@ def measure_query_dependence(
     Arguments are those of :func:`save_attention_figure` and :func:`query_dependence`.
     """
     model, recipe = load_model(checkpoint, config=config, model_name=model_name, overrides=overrides)
+    source = _source_or_first_test_video(source, model, recipe)
     clips = [
         load_input(source, model, recipe, clip_index=k, num_clips=num_clips)[0]
         for k in range(1 if _is_detector(model) else num_clips)
     ]
     return query_dependence(model, clips, block, num_queries=num_queries, seed=seed)
+
+
+def _source_or_first_test_video(source: str | Path | None, model: nn.Module, recipe: DictConfig) -> Path:
+    if source is not None:
+        return Path(source)
+    if _is_detector(model):
+        raise ValueError("a detector needs an image to look at: give one (--image)")
+    from nlnet.data import build_dataset
+
+    return build_dataset(recipe.data, "test").records[0].path

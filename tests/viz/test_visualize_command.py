@@ -170,3 +170,22 @@ def test_paper_model_geometry_on_real_footage(tmp_path):
     save_attention(amap, frames, out)
     with Image.open(out) as image:
         assert image.n_frames == 32 and image.size == (256, 256)
+
+
+def test_without_video_the_first_test_video_of_the_recipe_is_shown(tmp_path, capsys):
+    for split in ("train", "test"):
+        folder = tmp_path / "data" / split / "cyclists"
+        folder.mkdir(parents=True)
+        (folder / "bikes.mp4").symlink_to(real_video("bikes"))
+    data = ["data.format=folder", f"data.root={tmp_path / 'data'}"]
+    overrides = [item for item in SMALL_VIDEO_MODEL if not item.startswith("data.num_classes")]
+    png = tmp_path / "first.png"
+    assert main(["visualize", "--model", "nl_c2d_r50", "--query", "1,30,30", "--out", str(png),
+                 "data.num_classes=1", *data, *overrides]) == 0
+    assert png.is_file()
+    model, recipe = load_model(None, model_name="nl_c2d_r50", overrides=["data.num_classes=1", *data, *overrides])
+    clip, _ = load_input(real_video("bikes"), model, recipe)
+    expected = attention_map(model, clip, (1, 30, 30))
+    printed = capsys.readouterr().out
+    weight, (t, y, x) = expected.top_keys(1)[0]
+    assert f"1. weight {weight:.4g} at (t, y, x) = ({t:.1f}, {y:.1f}, {x:.1f})" in printed
