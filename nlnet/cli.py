@@ -48,7 +48,7 @@ def _cmd_train(subparsers: argparse._SubParsersAction) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"finished at iteration {result['iteration']}: {result['checkpoint']}")
             for name, value in result["metrics"].items():
-                print(f"val {name}: {value:.4f}")
+                print(f"val {name}: {value:.4f}" if isinstance(value, float) else f"val {name}: {value}")
             if result["skipped"]:
                 print(f"{len(result['skipped'])} unreadable videos skipped: " + ", ".join(result["skipped"]))
         return 0

@@ -415,7 +415,7 @@ class _Run:
             # and the schedule still advances, so the iteration count keeps its meaning. (PyTorch warns when a
             # scheduler steps before the optimiser has; here that is intended.)
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                 self.scheduler.step()
             return None
         clip = clip.to(self.ctx.device, non_blocking=True)
