@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/nlnet bench block --quick
+	$(PY) benchmarks/block.py --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nlnet tests benchmarks
