@@ -277,3 +277,23 @@ def test_starting_weights_with_a_different_classifier(tmp_path, tiny_recipe, vid
     assert torch.equal(target.state_dict()["stem.conv.weight"], source.state_dict()["stem.conv.weight"])
     with pytest.raises(ValueError, match="convert_caffe2"):
         load_model_weights(target, tmp_path / "official.pkl")
+
+
+def test_recipe_inflates_imagenet_weights_from_model_pretrained_2d(tmp_path, tiny_recipe, video_set):
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    imagenet = ResNet(Bottleneck, [1, 1, 1, 1]).state_dict()  # torchvision layout, 1 block per stage
+    torch.save(imagenet, tmp_path / "resnet_imagenet.pth")
+    recipe = complete_config(
+        tiny_recipe(
+            video_set,
+            tmp_path,
+            model__name="i3d_r50",
+            model__pretrained_2d=str(tmp_path / "resnet_imagenet.pth"),
+            model__overrides__base_width=64,
+        )
+    )
+    stem = build_model(recipe.model).state_dict()["stem.conv.weight"]  # (64, 3, 5, 7, 7), I3D stem
+    expected = imagenet["conv1.weight"].unsqueeze(2).repeat(1, 1, 5, 1, 1) / 5
+    torch.testing.assert_close(stem, expected)
