@@ -8,7 +8,9 @@ of tensors the caller excludes (the input, the parameters and buffers) are skipp
 not a graph is kept.
 
 Limits: tensors a custom ``autograd.Function`` stores as plain ``ctx`` attributes, and inputs that
-``torch.utils.checkpoint`` keeps by reference, bypass the hooks and are not counted.
+``torch.utils.checkpoint`` keeps by reference, bypass the hooks and are not counted. While hooks are
+installed autograd does not check saved tensors for in-place modification, so a backward that must catch
+such bugs has to run outside the counter.
 """
 
 from __future__ import annotations
