@@ -88,7 +88,8 @@ DEFAULTS: dict[str, Any] = {
         # Evaluate on data.val_list every N iterations (0: never during training).
         "eval_period": 0,
         "log_period": 20,
-        # Autocast dtype on CUDA: null (float32), bf16 or fp16 (fp16 adds a gradient scaler).
+        # Autocast dtype: null (float32), bf16 or fp16 (fp16 adds a gradient scaler). Meant for CUDA; CPU
+        # autocast works too but is rarely faster.
         "amp": None,
         "num_workers": 4,
         "tensorboard": True,

@@ -245,7 +245,7 @@ def test(
             test_crops views.
         split: "test" or "val".
         output: JSON file for the results; default ``<output_dir>/test_<checkpoint stem>[_1view].json``.
-        device: "cpu" or "cuda" to force one. On CUDA the forward pass runs under ``train.amp`` autocast.
+        device: "cpu" or "cuda" to force one. The forward pass runs under ``train.amp`` autocast.
 
     Returns:
         {"metrics": {...}, "skipped": [...], "output": path of the JSON}.
@@ -268,9 +268,7 @@ def test(
         model.to(ctx.device)
         loader = build_eval_loader(cfg, split, ctx, single_view=single_view)
         multi_label = bool(cfg.data.multi_label)
-        amp_dtype = None
-        if ctx.device.type == "cuda" and cfg.train.amp is not None:
-            amp_dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.train.amp]
         result = predict(model, loader, ctx, multi_label=multi_label, amp_dtype=amp_dtype)
         metrics = summarize(result, multi_label=multi_label)
         views = (1, 1) if single_view else (int(cfg.data.test_clips), int(cfg.data.test_crops))

@@ -258,10 +258,6 @@ class _Run:
         self.scheduler = build_scheduler(self.optimizer, train_cfg.steps, train_cfg.lrs)
         amp = train_cfg.amp
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
-        if amp is not None and ctx.device.type != "cuda":
-            raise ValueError(
-                f"train.amp={amp!r} is for CUDA; this process runs on {ctx.device}; set train.amp=null"
-            )
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16")
 
         self.iteration = 0
