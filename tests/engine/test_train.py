@@ -322,3 +322,19 @@ def test_mixed_precision_runs_the_forward_pass_in_low_precision(tmp_path, video_
     for amp in ("bf16", "fp16"):
         assert first_loss[amp] != first_loss[None]
         assert first_loss[amp] == pytest.approx(first_loss[None], rel=0.05)
+
+
+def test_recipe_starts_from_a_converted_official_checkpoint(tmp_path, tiny_recipe, video_set):
+    from nlnet.weights.caffe2 import convert_caffe2, export_caffe2
+
+    recipe = complete_config(tiny_recipe(video_set, tmp_path))
+    source = build_model(recipe.model)
+    overrides = OmegaConf.to_container(recipe.model.overrides)
+    export_caffe2(source, tmp_path / "official.pkl")  # the official Caffe2 blob layout
+    convert_caffe2(tmp_path / "official.pkl", tmp_path / "converted.pt", recipe.model.name, **overrides)
+    recipe.model.checkpoint = str(tmp_path / "converted.pt")
+    torch.manual_seed(1)  # a different initialisation, overwritten by the checkpoint
+    loaded = build_model(recipe.model).state_dict()
+    for name, tensor in source.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            torch.testing.assert_close(loaded[name], tensor, msg=name)
