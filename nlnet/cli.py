@@ -96,6 +96,60 @@ def _cmd_test(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+
+def _cmd_detect(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "detect",
+        help="Mask/Keypoint R-CNN with non-local blocks (paper §6): train, eval, cost",
+        description="Detection with torchvision's Mask/Keypoint R-CNN and the paper's non-local blocks. Without "
+        "--config the recipe is the built-in shapes set (generated on first use). Overrides are dotted KEY=VALUE.",
+    )
+    commands = parser.add_subparsers(dest="detect_command", required=True, metavar="SUBCOMMAND")
+    train_parser = commands.add_parser("train", help="train (and evaluate at the end); torchrun for DDP")
+    eval_parser = commands.add_parser("eval", help="COCOeval of a checkpoint on the recipe's val set")
+    cost_parser = commands.add_parser("cost", help="FLOPs and step time with vs without the non-local blocks")
+    for sub in (train_parser, eval_parser, cost_parser):
+        sub.add_argument("--config", help="YAML recipe, e.g. configs/detection/shapes_maskrcnn_r50.yaml")
+        sub.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+        sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    train_parser.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
+    eval_parser.add_argument("--checkpoint", required=True, help="nlnet checkpoint or torchvision state dict")
+    eval_parser.add_argument("--output-dir", help="where detections_*.json and results.json go")
+    cost_parser.add_argument("--steps", type=int, default=5, help="timed training steps per model")
+    cost_parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="FLOPs also at H x W")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        import logging
+        import os
+
+        from nlnet.engine import detection
+
+        main_rank = int(os.environ.get("RANK", "0")) == 0
+        if main_rank:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        cfg = detection.load_config(args.config, args.overrides)
+        if args.detect_command == "train":
+            result = detection.train(cfg, resume=args.resume, device=args.device)
+            if main_rank:
+                print(f"finished at iteration {result['iteration']}: {result['checkpoint']}")
+                print(f"median step time {result['step_time_s']:.3f} s; last losses {result['losses']}")
+        elif args.detect_command == "eval":
+            result = detection.evaluate_checkpoint(
+                cfg, args.checkpoint, output_dir=args.output_dir, device=args.device
+            )
+            if main_rank:
+                for iou_type, stats in result["metrics"].items():
+                    print(f"{iou_type}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+        else:
+            result = detection.measure_cost(
+                cfg, steps=args.steps, image_size=args.image_size, device=args.device
+            )
+            print(json.dumps(result, indent=2))
+        return 0
+
+    parser.set_defaults(func=run)
+
 def _cmd_info(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "info",
@@ -195,13 +249,21 @@ def _cmd_visualize(subparsers: argparse._SubParsersAction) -> None:
         help="pick the query: where the clip moves most (default) or the most attended place",
     )
     parser.add_argument("--block", help="block name, e.g. res4.5.nonlocal_block (default: the last one)")
-    parser.add_argument("--style", choices=("heatmap", "arrows"), default="heatmap", help="PNG drawing")
+    parser.add_argument(
+        "--style", choices=("heatmap", "arrows"), help="PNG drawing (default: heatmap; arrows with --builtin)"
+    )
     parser.add_argument("--top-k", type=int, default=5, help="strongest keys marked (default 5)")
     parser.add_argument("--clip-index", type=int, default=0, help="which of --num-clips test clips (default 0)")
     parser.add_argument("--num-clips", type=int, default=1, help="test clips spread over the video (default 1)")
     parser.add_argument("--fps", type=float, default=4.0, help="GIF frame rate")
     parser.add_argument("--gif-scale", type=int, default=1, help="GIF enlargement factor")
     parser.add_argument("--query-dependence", action="store_true", help="print GCNet's measure per block")
+    parser.add_argument(
+        "--builtin", action="store_true",
+        help="checkpoint trained on the built-in set: query at the colour cue, report how often the top key "
+        "lies on the object the label depends on, draw the first clip where it does",
+    )
+    parser.add_argument("--max-clips", type=int, default=200, help="--builtin: test clips examined")
     parser.add_argument("--num-queries", type=int, default=64, help="queries sampled per block and clip")
     parser.add_argument("--out", help="FILE.png or FILE.gif (figure); FILE.json (--query-dependence)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
@@ -210,7 +272,7 @@ def _cmd_visualize(subparsers: argparse._SubParsersAction) -> None:
         import json
         from pathlib import Path
 
-        from nlnet.viz import measure_query_dependence, save_attention_figure
+        from nlnet.viz import builtin_attention_figure, measure_query_dependence, save_attention_figure
 
         common = {"config": args.config, "model_name": args.model, "overrides": args.overrides}
         path = args.video or args.image
@@ -228,6 +290,21 @@ def _cmd_visualize(subparsers: argparse._SubParsersAction) -> None:
             return 0
         if not args.out:
             parser.error("--out FILE.png|FILE.gif is required to draw a figure")
+        if args.builtin:
+            if args.checkpoint is None:
+                parser.error("--builtin needs the --checkpoint of a model trained on the built-in set")
+            report = builtin_attention_figure(
+                args.checkpoint, args.out, block=args.block, max_clips=args.max_clips,
+                style=args.style or "arrows",
+                top_k=args.top_k, config=args.config, overrides=args.overrides,
+            )
+            print(
+                f"{report.block}: over {report.clips} test clips, the top key of a query at the cue lies on the "
+                f"object the label depends on in {report.on_target:.1%} (a random key: {report.chance:.1%}); "
+                f"accuracy {report.accuracy:.1%}"
+            )
+            print(f"wrote {args.out} (test clip {report.figure_index})")
+            return 0
         query = None
         if args.query is not None:
             try:
@@ -236,7 +313,7 @@ def _cmd_visualize(subparsers: argparse._SubParsersAction) -> None:
                 parser.error(f"--query must be T,Y,X (or Y,X for an image), got {args.query!r}")
         amap = save_attention_figure(
             args.checkpoint, path, args.out, query=query, auto=args.auto or "motion", block=args.block,
-            style=args.style, top_k=args.top_k, clip_index=args.clip_index, num_clips=args.num_clips,
+            style=args.style or "heatmap", top_k=args.top_k, clip_index=args.clip_index, num_clips=args.num_clips,
             fps=args.fps, gif_scale=args.gif_scale, **common,
         )
         t, y, x = amap.query

@@ -2,9 +2,11 @@
 
 from nlnet.viz.attention import (
     AttentionMap,
+    BuiltinAttentionReport,
     attention_map,
     auto_query,
     block_attention,
+    builtin_attention_figure,
     load_input,
     load_model,
     measure_query_dependence,
@@ -17,9 +19,11 @@ from nlnet.viz.attention import (
 
 __all__ = [
     "AttentionMap",
+    "BuiltinAttentionReport",
     "attention_map",
     "auto_query",
     "block_attention",
+    "builtin_attention_figure",
     "load_input",
     "load_model",
     "measure_query_dependence",

@@ -36,9 +36,11 @@ from nlnet.layers import NonLocalBlock
 
 __all__ = [
     "AttentionMap",
+    "BuiltinAttentionReport",
     "attention_map",
     "auto_query",
     "block_attention",
+    "builtin_attention_figure",
     "load_input",
     "load_model",
     "measure_query_dependence",
@@ -573,7 +575,7 @@ def plot_attention(
         else:
             ax.add_patch(Circle((x, y), radius, fill=False, color="white", linewidth=1))
             ax.text(x + radius, y - radius, str(rank), color="white", fontsize=6)
-    query_ax.plot([qx], [qy], marker="P", color="red", markeredgecolor="white", markersize=8)
+    query_ax.plot([qx], [qy], marker="P", color="white", markeredgecolor="black", markersize=11)
     return fig
 
 
@@ -944,3 +946,132 @@ def _source_or_first_test_video(source: str | Path | None, model: nn.Module, rec
     from nlnet.data import build_dataset
 
     return build_dataset(recipe.data, "test").records[0].path
+
+
+# -- the built-in set: does the cue look at the object the label depends on? ----------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltinAttentionReport:
+    """How often a cue query's strongest key lies on the object whose shape is the label.
+
+    Attributes:
+        block: the block measured.
+        clips: test clips examined.
+        on_target: fraction of them whose top key (for a query at the cue) covers the matching object, in an
+            object frame.
+        chance: the same fraction for a key drawn uniformly from the key grid (the mean share of keys that
+            cover the matching object).
+        accuracy: the model's top-1 accuracy on those clips (one centre view).
+        figure_index: the test clip drawn, the first that is classified correctly with its top key on target
+            (else the first clip).
+    """
+
+    block: str
+    clips: int
+    on_target: float
+    chance: float
+    accuracy: float
+    figure_index: int
+
+
+def builtin_attention_figure(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    block: str | None = None,
+    max_clips: int = 200,
+    style: str = "arrows",
+    top_k: int = 3,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> BuiltinAttentionReport:
+    """The paper's figure for a model trained on the built-in set, and how often it holds.
+
+    For each test clip (up to ``max_clips``), the query is the centre of the colour cue in the middle frame of
+    the cue phase; the label is the shape of the object that wears the cue's colour, shown only in the object
+    phase. The clip drawn is the first one the model classifies correctly and whose strongest key covers that
+    object; the report says how often that happens and how often a uniformly random key would.
+
+    Args:
+        checkpoint: a checkpoint trained on the built-in set; its recipe's ``data.root`` is the folder that
+            ``nlnet.data.builtin.write_builtin`` made (with the drawn scenes of every clip).
+        out: ``.png`` or ``.gif``.
+        block: block name; None for the model's last block.
+        max_clips: test clips examined.
+        style: figure style (see :func:`plot_attention`).
+        top_k: keys marked.
+        config, overrides: see :func:`load_model`.
+
+    Returns:
+        A :class:`BuiltinAttentionReport`.
+    """
+    import json
+
+    from nlnet.data import build_dataset
+    from nlnet.data.builtin import BuiltinConfig, load_scenes
+
+    if max_clips < 1:
+        raise ValueError(f"max_clips must be >= 1, got {max_clips}")
+    model, recipe = load_model(checkpoint, config=config, overrides=overrides)
+    folder = Path(str(recipe.data.root))
+    if not (folder / "scenes_test.jsonl").is_file():
+        raise ValueError(f"data.root={folder} is not a built-in set folder (no scenes_test.jsonl in it)")
+    generator = BuiltinConfig(**json.loads((folder / "settings.json").read_text())["config"])
+    records = build_dataset(recipe.data, "test").records[:max_clips]
+    scenes = load_scenes(folder, "test")[: len(records)]
+    hits, chance, correct, chosen, name = 0, 0.0, 0, None, block
+    first = None
+    crop = int(recipe.data.test_crop)
+    to_shown = _builtin_to_shown(generator.size, int(recipe.data.test_scale), crop)
+    cue_frame = generator.cue_frames // 2
+    for index, (record, scene) in enumerate(zip(records, scenes, strict=True)):
+        inputs, frames = load_input(record.path, model, recipe)
+        cue = [c + v * cue_frame for c, v in zip(scene.cue_centre, scene.cue_velocity, strict=True)]
+        query = (cue_frame, *(min(max(round(to_shown(c)), 0), crop - 1) for c in cue))
+        amap = attention_map(model, inputs, query, name)
+        name = amap.block
+        target = next(obj for obj in scene.objects if obj.colour == scene.cue_colour)
+        covers = _covers_object(amap, target, generator.cue_frames, to_shown)
+        hit = bool(covers.ravel()[int(amap.weights.argmax())])
+        with torch.no_grad():
+            predicted = int(model(inputs[None].to(next(model.parameters()).device)).argmax())
+        right = predicted == record.labels[0]
+        hits += hit
+        chance += float(covers.mean())
+        correct += right
+        if first is None:
+            first = (amap, frames)
+        if chosen is None and hit and right:
+            chosen = (index, amap, frames)
+    figure_index, amap, frames = chosen if chosen is not None else (0, *first)
+    save_attention(amap, frames, out, style=style, top_k=top_k)
+    count = len(records)
+    return BuiltinAttentionReport(
+        block=name, clips=count, on_target=hits / count, chance=chance / count, accuracy=correct / count,
+        figure_index=figure_index,
+    )
+
+
+def _builtin_to_shown(size: int, test_scale: int, test_crop: int):
+    """Maps a generator pixel coordinate to the test crop: resize by test_scale / size, centre crop."""
+    factor = test_scale / size
+    offset = (test_scale - test_crop) // 2
+    return lambda c: (c + 0.5) * factor - 0.5 - offset
+
+
+def _covers_object(amap: AttentionMap, target, cue_frames: int, to_shown) -> np.ndarray:
+    """(T', H', W') bool: key cells that hold the target's centre in one of their object-phase frames."""
+    covers = np.zeros(amap.weights.shape, dtype=bool)
+    half_t, half_y, half_x = (s / 2 for s in amap.key_span)
+    for index in np.ndindex(amap.weights.shape):
+        t, y, x = amap.key_centers[index]
+        first, last = math.ceil(t - half_t), math.floor(t + half_t)
+        for frame in range(max(first, cue_frames), min(last, amap.frame_size[0] - 1) + 1):
+            step = frame - cue_frames
+            ty = to_shown(target.centre[0] + target.velocity[0] * step)
+            tx = to_shown(target.centre[1] + target.velocity[1] * step)
+            if abs(ty - y) <= half_y and abs(tx - x) <= half_x:
+                covers[index] = True
+                break
+    return covers

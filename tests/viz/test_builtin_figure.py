@@ -1,0 +1,74 @@
+"""The built-in set's figure: the cue query, the object the label depends on, and the on-target count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from nlnet.cli import main
+from nlnet.data.builtin import SceneObject, write_builtin
+from nlnet.engine import load_config, save_checkpoint
+from nlnet.models import create
+from nlnet.viz import AttentionMap
+from nlnet.viz.attention import _builtin_to_shown, _covers_object
+
+
+def key_grid_map(span: tuple[float, float, float], grid: tuple[int, int, int], frames: int, size: int):
+    centers = np.stack(
+        np.meshgrid(*[(np.arange(n) + 0.5) * s - 0.5 for n, s in zip(grid, span, strict=True)], indexing="ij"), axis=-1
+    )
+    return AttentionMap(
+        block="b", weights=np.full(grid, 1 / np.prod(grid)), key_centers=centers, key_span=span,
+        query=(0.0, 0.0, 0.0), query_cell=(0, 0, 0), query_center=(0.0, 0.0, 0.0), query_span=span,
+        frame_size=(frames, size, size),
+    )
+
+
+def test_keys_covering_the_target_object():
+    # 8 frames of 32x32, keys of 2 frames x 16 x 16 pixels: a (4, 2, 2) grid. Cue in frames 0..3; the target
+    # starts at (y, x) = (20, 6) in frame 4 and moves 3 pixels right per frame: frames 4..5 it is in key
+    # column 0 (x 6, 9), frames 6..7 at x 12, 15: still column 0 (pixels 0..15). A faster one crosses.
+    amap = key_grid_map((2.0, 16.0, 16.0), (4, 2, 2), 8, 32)
+    identity = _builtin_to_shown(32, 32, 32)
+    slow = SceneObject(shape=0, colour=0, quadrant=2, centre=(20.0, 6.0), velocity=(0.0, 3.0), radius=5.0)
+    covers = _covers_object(amap, slow, 4, identity)
+    expected = np.zeros((4, 2, 2), dtype=bool)
+    expected[2, 1, 0] = expected[3, 1, 0] = True  # object phase only, bottom-left key
+    np.testing.assert_array_equal(covers, expected)
+
+    fast = SceneObject(shape=0, colour=0, quadrant=2, centre=(20.0, 6.0), velocity=(0.0, 6.0), radius=5.0)
+    covers = _covers_object(amap, fast, 4, identity)
+    expected = np.zeros((4, 2, 2), dtype=bool)
+    expected[2, 1, 0] = True  # frames 4, 5: x = 6, 12
+    expected[3, 1, 1] = True  # frames 6, 7: x = 18, 24
+    np.testing.assert_array_equal(covers, expected)
+
+    # Test-time resize 32 -> 64 then centre crop 48: generator pixel 20 -> (20.5 * 2 - 0.5) - 8 = 32.5.
+    assert _builtin_to_shown(32, 64, 48)(20.0) == pytest.approx(32.5)
+
+
+def test_builtin_command_on_a_small_written_set(tmp_path, capsys):
+    folder = write_builtin(tmp_path / "builtin", num_train=2, num_test=4)
+    overrides = [
+        "model.name=nl_c2d_r50", "model.overrides.base_width=8", "model.overrides.stage_blocks=[1,2,2,1]",
+        "model.overrides.clip=8x8", "data.format=path_csv", f"data.root={folder}",
+        f"data.train_list={folder / 'train.csv'}", f"data.val_list={folder / 'test.csv'}",
+        f"data.test_list={folder / 'test.csv'}", "data.num_classes=4", "data.num_frames=8",
+        "data.sampling_rate=1", "data.test_scale=32", "data.test_crop=32",
+    ]
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    model = create("nl_c2d_r50", num_classes=4, **OmegaConf.to_container(cfg.model.overrides))
+    checkpoint = tmp_path / "builtin.pt"
+    save_checkpoint(checkpoint, {"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)})
+    png = tmp_path / "builtin.png"
+    assert main(["visualize", "--checkpoint", str(checkpoint), "--builtin", "--block", "res3.1.nonlocal_block",
+                 "--out", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "over 4 test clips" in printed and "a random key" in printed
+    with Image.open(png) as image:
+        # res3 of this model keeps 4 of the 8 frames (2 frames a key slice): 4 panels of 240 x 240 + title.
+        assert image.size == (4 * 240, 240 + 40)
