@@ -717,8 +717,9 @@ def load_model(
     ``nlnet.engine.detection``'s recipe.
 
     Args:
-        checkpoint: an nlnet training or detection checkpoint, or a converted official model; None for an
-            untrained model (then ``config`` or ``model_name`` names it).
+        checkpoint: an nlnet training or detection checkpoint, or a converted official model; a training
+            output folder for its latest checkpoint; None for an untrained model (then ``config`` or
+            ``model_name`` names it).
         config: YAML recipe; needed for a checkpoint that stores none (a converted official model).
         model_name: overrides ``model.name``.
         overrides: dotted ``key=value`` strings, e.g. ``["data.num_frames=8"]``.
@@ -731,12 +732,16 @@ def load_model(
     """
     from omegaconf import OmegaConf
 
-    from nlnet.engine import load_checkpoint
+    from nlnet.engine import latest_checkpoint, load_checkpoint
     from nlnet.models import detection as detection_models
 
     named = model_name is not None or any(item.startswith("model.name=") for item in overrides)
     if checkpoint is None and config is None and not named:
         raise ValueError("give a checkpoint, a config or a model name: nothing says which model to show")
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        folder, checkpoint = checkpoint, latest_checkpoint(checkpoint)
+        if checkpoint is None:
+            raise FileNotFoundError(f"no checkpoint_<iteration>.pt in {folder}")
     state = load_checkpoint(checkpoint) if checkpoint is not None else {}
     stored = state.get("config") if isinstance(state.get("config"), dict) else None
     detector = state.get("format") == _DETECTION_FORMAT or (

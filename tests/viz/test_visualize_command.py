@@ -69,8 +69,9 @@ def test_png_and_gif_from_a_checkpoint_on_a_real_video(video_checkpoint, tmp_pat
     assert main(["visualize", "--checkpoint", str(video_checkpoint), "--video", str(video), "--block", block,
                  "--auto", "--gif-scale", "2", "--out", str(gif)]) == 0
 
-    # The same map through the Python API: the checkpoint loads exactly, the clip is the test crop.
-    model, recipe = load_model(video_checkpoint)
+    # The same map through the Python API: the checkpoint loads exactly (a run folder means its latest
+    # checkpoint), the clip is the test crop.
+    model, recipe = load_model(video_checkpoint.parent)
     inputs, frames = load_input(video, model, recipe)
     assert inputs.shape == (3, NUM_FRAMES, CROP, CROP) and frames.shape == (NUM_FRAMES, CROP, CROP, 3)
     amap = attention_map(model, inputs, (3, 20, 40), block)
