@@ -9,11 +9,12 @@ One run measures, for every (shape, mode, implementation):
 * **saved MiB**: the bytes of the tensors autograd keeps for backward, counted exactly with
   ``torch.autograd.graph.saved_tensors_hooks`` (:class:`nlnet.utils.SavedTensorCounter`): each storage once,
   the input, parameters, buffers and views of them excluded.
-* **peak MiB**: the rise of the process's resident set during the case's first forward+backward in a fresh
-  process (after the equality check and the counting forward): the kernel's high-water mark (``VmHWM``) is
-  reset through ``/proc/self/clear_refs`` right before the run and read after it, minus ``VmRSS`` before it.
-  glibc's mmap threshold is pinned at 64 KiB so freed tensors go back to the OS and earlier work cannot hide
-  the peak. It includes the parameter and input gradients.
+* **peak MiB**: the rise of the process's resident set during one forward+backward in a fresh process, after
+  the equality check, the counting forward and one full-size warm-up run (which absorbs the buffers MKL and
+  oneDNN keep after their first call at a size): the kernel's high-water mark (``VmHWM``) is reset through
+  ``/proc/self/clear_refs`` right before the run and read after it, minus ``VmRSS`` before it. glibc's mmap
+  threshold is pinned at 64 KiB so freed tensors go back to the OS and earlier runs cannot hide the peak.
+  It includes the parameter and input gradients.
 
 Memory is measured with each case in a fresh process (a fork of a forkserver that has imported torch) whose
 address space is capped (``RLIMIT_AS``) at ``--memory-cap-gib`` above what it had after building the modules;
@@ -235,11 +236,10 @@ def check_and_measure_memory(case: Case, options: dict) -> Result:
         result.saved_bytes = counter.nbytes
         del out
 
-        gc.collect()
-        baseline = _proc_status_kib("VmRSS")
-        _reset_peak_rss()
         try:
-            # Outside the counter: while its hooks are installed autograd skips its in-place checks.
+            # A full-size warm-up: MKL and oneDNN keep ~30 MiB of buffers from the first run at a new size,
+            # which would otherwise count towards whichever case runs first. Outside the counter, since
+            # while its hooks are installed autograd skips its in-place checks.
             _fwd_bwd(module, x, dy)
         except RuntimeError as error:
             if _is_out_of_memory(error):
@@ -248,6 +248,10 @@ def check_and_measure_memory(case: Case, options: dict) -> Result:
             result.status = "no_backward"
             result.message = "backward raises: " + str(error).split(":")[0][:90]
             return result
+        gc.collect()
+        baseline = _proc_status_kib("VmRSS")
+        _reset_peak_rss()
+        _fwd_bwd(module, x, dy)
         result.peak_bytes = (_proc_status_kib("VmHWM") - baseline) * 1024
     except (RuntimeError, MemoryError) as error:
         if not _is_out_of_memory(error):
