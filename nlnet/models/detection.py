@@ -11,9 +11,10 @@ this part, so the detectors here are torchvision's own, built exactly as ``maskr
 - the keypoint head's children are ``0..15`` (conv, relu, conv, relu, ...); the blocks follow relus
   ``3, 7, 11, 15``, i.e. convs 2, 4, 6 and 8.
 
-Every original child keeps its name, so a torchvision detector's state dict loads key for key and reports only
-the ``nonlocal_after_*`` parameters as missing. The blocks start as the identity (BN with γ = 0), which is why
-a trained detector gives the same detections with them inserted.
+Positions after the block shift by one (``layer3[5]`` is then the non-local block; ``getattr(layer3, "5")``
+is the last residual block), names do not: every original child keeps its name, so a torchvision detector's
+state dict loads key for key and reports only the ``nonlocal_after_*`` parameters as missing. The blocks start
+as the identity (BN with γ = 0), which is why a trained detector gives the same detections with them inserted.
 
 BN inside the block: torchvision freezes the backbone's BN when it starts from pre-trained weights, because
 two images per device give poor batch statistics. The block's own BN cannot be frozen — with γ = 0 fixed it

@@ -1,0 +1,194 @@
+"""The §6 detectors: where the non-local blocks sit, key compatibility with torchvision, identity at init."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet50
+from torchvision.models.detection import keypointrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from nlnet import NonLocalBlock
+from nlnet.models import detection
+
+SMALL = {"min_size": 96, "max_size": 128}
+
+
+@functools.cache
+def _default(name: str) -> nn.Module:
+    """One detector per name with torchvision's default classes, shared by the structural tests."""
+    return detection.create(name, **SMALL).eval()
+
+
+def _call_order(sequence: nn.Sequential, x: torch.Tensor) -> list[str]:
+    """Names of ``sequence``'s children in the order they run on ``x``."""
+    order: list[str] = []
+    handles = [
+        child.register_forward_hook(lambda *_, name=name: order.append(name))
+        for name, child in sequence.named_children()
+    ]
+    with torch.no_grad():
+        sequence(x)
+    for handle in handles:
+        handle.remove()
+    return order
+
+
+@pytest.mark.parametrize(
+    ("name", "res4_blocks", "after"),
+    [("maskrcnn_r50_fpn", 6, 4), ("maskrcnn_r101_fpn", 23, 21), ("keypointrcnn_r50_fpn", 6, 4)],
+)
+def test_backbone_block_runs_right_before_the_last_res4_block(name: str, res4_blocks: int, after: int) -> None:
+    model = _default(name)
+    res4 = model.backbone.body.layer3
+    order = _call_order(res4, torch.randn(1, 512, 8, 8))
+    expected = [str(i) for i in range(res4_blocks)]
+    expected.insert(after + 1, f"nonlocal_after_{after}")
+    assert order == expected
+    assert order[-1] == str(res4_blocks - 1)  # the last residual block of res4 follows the non-local block
+    block = dict(res4.named_children())[f"nonlocal_after_{after}"]
+    assert isinstance(block, NonLocalBlock)
+    assert block.theta.in_channels == 1024 and block.theta.out_channels == 512
+    assert block.pool_kernel == (2, 2)
+    assert isinstance(block.norm, nn.BatchNorm2d)
+    assert torch.count_nonzero(block.norm.weight) == 0
+    backbone_blocks = [n for n in detection.nonlocal_blocks(model) if n.startswith("backbone.")]
+    assert backbone_blocks == [f"backbone.body.layer3.nonlocal_after_{after}"]
+
+
+def test_keypoint_head_has_a_block_after_every_second_conv() -> None:
+    model = _default("keypointrcnn_r50_fpn")
+    head = model.roi_heads.keypoint_head
+    kinds = []
+    for _, child in head.named_children():
+        kinds.append({nn.Conv2d: "conv", nn.ReLU: "relu", NonLocalBlock: "NL"}[type(child)])
+    assert kinds == ["conv", "relu", "conv", "relu", "NL"] * 4
+    assert _call_order(head, torch.randn(2, 256, 14, 14)) == [name for name, _ in head.named_children()]
+    head_blocks = [m for n, m in detection.nonlocal_blocks(model).items() if ".keypoint_head." in n]
+    assert len(head_blocks) == 4
+    assert all(b.theta.in_channels == 512 and b.theta.out_channels == 256 for b in head_blocks)
+    without = detection.create("keypointrcnn_r50_fpn", nonlocal_head=False, nonlocal_backbone=False, **SMALL)
+    assert detection.nonlocal_blocks(without) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "reference"),
+    [
+        ("maskrcnn_r50_fpn", lambda: maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)),
+        (
+            "keypointrcnn_r50_fpn",
+            lambda: keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2),
+        ),
+    ],
+)
+def test_state_dict_is_torchvision_plus_nonlocal_keys(name, reference) -> None:
+    ours = _default(name).state_dict()
+    theirs = reference().state_dict()
+    extra = set(ours) - set(theirs)
+    assert set(theirs) <= set(ours)
+    assert extra and all(".nonlocal_after_" in key for key in extra)
+    assert all(ours[k].shape == theirs[k].shape for k in theirs)
+
+
+def _randomise(model: nn.Module, seed: int) -> None:
+    """Non-trivial weights and BN statistics, standing in for a trained detector."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0.0, 0.1, generator=generator)
+
+
+def _detections_equal(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+
+
+@pytest.mark.parametrize("kind", ["mask", pytest.param("keypoint", marks=pytest.mark.slow)])
+def test_trained_torchvision_detector_gives_the_same_detections_with_the_blocks(tmp_path, kind: str) -> None:
+    torch.manual_seed(0)
+    common = {"weights": None, "weights_backbone": None, "box_score_thresh": 0.0, **SMALL}
+    if kind == "mask":
+        vanilla = maskrcnn_resnet50_fpn(num_classes=4, **common)
+        name, extra = "maskrcnn_r50_fpn", {}
+    else:
+        vanilla = keypointrcnn_resnet50_fpn(num_classes=2, num_keypoints=4, **common)
+        name, extra = "keypointrcnn_r50_fpn", {"num_keypoints": 4}
+    _randomise(vanilla, seed=1)
+    path = tmp_path / "torchvision_detector.pth"
+    torch.save(vanilla.eval().state_dict(), path)
+
+    model = detection.create(
+        name, num_classes=4 if kind == "mask" else 2, box_score_thresh=0.0, **extra, **SMALL
+    ).eval()
+    report = detection.load_detector_state_dict(model, torch.load(path, weights_only=True))
+    blocks = detection.nonlocal_blocks(model)
+    assert len(blocks) == (1 if kind == "mask" else 5)
+    # BN fills in a missing num_batches_tracked counter itself; every other tensor of every block is reported
+    expected = [f"{n}.{k}" for n, b in blocks.items() for k in b.state_dict() if k != "norm.num_batches_tracked"]
+    assert sorted(report.missing_nonlocal) == sorted(expected)
+    calls = []
+    for block in blocks.values():
+        block.register_forward_hook(lambda *_: calls.append(1))
+
+    images = [torch.rand(3, 100, 120, generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
+    with torch.no_grad():
+        expected = vanilla(images)
+        got = model(images)
+    assert sum(len(d["boxes"]) for d in expected) > 0
+    assert len(calls) >= len(blocks)  # every block ran
+    _detections_equal(expected, got)
+
+
+def test_imagenet_backbone_loads_into_the_nonlocal_variant() -> None:
+    torch.manual_seed(0)
+    imagenet = resnet50()
+    model = detection.create("maskrcnn_r50_fpn", num_classes=3, frozen_bn=True, **SMALL)
+    report = detection.load_backbone_state_dict(model, imagenet.state_dict())
+    assert report.missing_nonlocal and all(".nonlocal_after_4." in k for k in report.missing_nonlocal)
+    body = model.backbone.body
+    # positions shift by one after the block; names do not
+    assert torch.equal(getattr(body.layer3, "5").conv2.weight, imagenet.layer3[5].conv2.weight)
+    assert torch.equal(body.bn1.running_var, imagenet.bn1.running_var)
+    with pytest.raises(ValueError, match="not a torchvision ResNet"):
+        detection.load_backbone_state_dict(model, {"conv1.weight": torch.zeros(1)})
+
+
+def test_frozen_backbone_bn_keeps_a_trainable_block_bn() -> None:
+    model = detection.create("maskrcnn_r50_fpn", num_classes=3, frozen_bn=True, **SMALL)
+    body = model.backbone.body
+    assert isinstance(body.layer3[0].bn1, FrozenBatchNorm2d)
+    assert not body.layer1[0].conv1.weight.requires_grad  # torchvision's default: 3 trainable stages
+    block = detection.nonlocal_blocks(model)["backbone.body.layer3.nonlocal_after_4"]
+    assert isinstance(block.norm, nn.BatchNorm2d)
+    assert all(p.requires_grad for p in block.parameters())
+
+
+def test_mismatched_predictor_is_reported_or_skipped() -> None:
+    source = detection.create("maskrcnn_r50_fpn", num_classes=91, nonlocal_backbone=False, **SMALL).state_dict()
+    model = detection.create("maskrcnn_r50_fpn", num_classes=4, **SMALL)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        detection.load_detector_state_dict(model, source)
+    report = detection.load_detector_state_dict(model, source, skip_mismatched=True)
+    assert "roi_heads.box_predictor.cls_score.weight" in report.skipped_mismatched
+    with pytest.raises(ValueError, match="unexpected keys"):
+        detection.load_detector_state_dict(model, {**source, "bogus.weight": torch.zeros(1)}, skip_mismatched=True)
+
+
+def test_bad_arguments_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="unknown detector"):
+        detection.create("maskrcnn_r18_fpn")
+    with pytest.raises(ValueError, match="keypoint head"):
+        detection.create("maskrcnn_r50_fpn", nonlocal_head=True)
+    with pytest.raises(ValueError, match="trainable_backbone_layers"):
+        detection.create("maskrcnn_r50_fpn", trainable_backbone_layers=6)
+    assert detection.available() == ["keypointrcnn_r50_fpn", "maskrcnn_r101_fpn", "maskrcnn_r50_fpn"]
