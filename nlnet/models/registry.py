@@ -93,9 +93,13 @@ def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
         if options[key] not in allowed:
             raise ValueError(f"{key} must be one of {allowed}, got {options[key]!r}")
 
+    pool = options["nonlocal_pool"]
+    if pool is not None:
+        if isinstance(pool, str) or len(tuple(pool)) != 3 or any(int(size) < 1 for size in pool):
+            raise ValueError(f"nonlocal_pool must be None or 3 positive ints (T, H, W), got {pool!r}")
+        pool = tuple(int(size) for size in pool)
     layout = preset.nonlocal_blocks if options["nonlocal_blocks"] == "preset" else options["nonlocal_blocks"]
     inflation = INFLATIONS[preset.inflation]
-    pool = options["nonlocal_pool"]
     model = ResNet3d(
         stage_blocks=stage_blocks,
         base_width=int(options["base_width"]),
@@ -109,7 +113,7 @@ def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
             "mode": options["nonlocal_mode"],
             "extent": options["nonlocal_extent"],
             "norm": options["nonlocal_norm"],
-            "pool": tuple(pool) if pool is not None else None,
+            "pool": pool,
             "pool_position": "before",
             "scale": True,
         },
@@ -120,7 +124,10 @@ def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
         from nlnet.weights.inflate import load_2d
 
         report = load_2d(model, os.fspath(options["pretrained_2d"]))
-        logger.info("%s from %s: %s", name, options["pretrained_2d"], report.summary())
+        # Non-local blocks and the new classifier have no 2D counterpart; anything else missing is a surprise.
+        surprising = [key for key in report.missing if ".nonlocal_block." not in key and not key.startswith("head.")]
+        level = logging.WARNING if surprising else logging.INFO
+        logger.log(level, "%s from %s: %s", name, options["pretrained_2d"], report.summary())
     return model
 
 

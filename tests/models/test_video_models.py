@@ -283,6 +283,8 @@ def test_every_preset_trains_as_a_tiny_model(name: str) -> None:
         ({"clip": "16x4"}, "clip must be one of"),
         ({"stage_blocks": (3, 4, 6)}, "stage_blocks must be 4"),
         ({"dropout": 1.0}, "dropout must be in"),
+        ({"nonlocal_pool": "default"}, "nonlocal_pool must be None or 3"),
+        ({"nonlocal_pool": (1, 2)}, "nonlocal_pool must be None or 3"),
         ({"depth": 50}, "unknown overrides"),
     ],
 )
