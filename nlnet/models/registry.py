@@ -12,14 +12,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from nlnet.layers import NonLocalBlock
+from nlnet.layers.nonlocal_block import EXTENTS, MODES
 from nlnet.models.presets import CLIPS, INFLATIONS, PRESETS, STAGE_BLOCKS, resolve_nonlocal_positions
 from nlnet.models.resnet3d import ResNet3d
 
 logger = logging.getLogger(__name__)
-
-NONLOCAL_MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
-NONLOCAL_EXTENTS = ("spacetime", "space", "time")
-NONLOCAL_NORMS = ("bn", None)
 
 _DEFAULTS = {
     "stage_blocks": None,
@@ -86,9 +83,9 @@ def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes!r}")
     for key, allowed in (
-        ("nonlocal_mode", NONLOCAL_MODES),
-        ("nonlocal_extent", NONLOCAL_EXTENTS),
-        ("nonlocal_norm", NONLOCAL_NORMS),
+        ("nonlocal_mode", MODES),
+        ("nonlocal_extent", EXTENTS),
+        ("nonlocal_norm", ("bn", None)),
     ):
         if options[key] not in allowed:
             raise ValueError(f"{key} must be one of {allowed}, got {options[key]!r}")
