@@ -120,8 +120,8 @@ class AttentionMap:
         centers = self.key_centers.reshape(-1, 3)
         return [(float(flat[i]), tuple(float(c) for c in centers[i])) for i in order]
 
-    def key_slice(self, frame: int) -> int | None:
-        """Index t' of the key slice that covers frame ``frame``, or None when pooling left it out."""
+    def key_slice(self, frame: float) -> int | None:
+        """Index t' of the key slice that covers frame ``frame`` (or a key centre), None when pooling left it out."""
         index = math.floor((frame + 0.5) / self.key_span[0])
         return index if index < self.weights.shape[0] else None
 
@@ -563,7 +563,7 @@ def plot_attention(
     qt, qy, qx = amap.query
     radius = max(2.0, 0.04 * min(height, width))
     for rank, (weight, (t, y, x)) in enumerate(amap.top_keys(top_k) if top_k else [], start=1):
-        ax = axes.get(amap.key_slice(int(round(t))))
+        ax = axes.get(amap.key_slice(t))
         if ax is None:
             continue
         if style == "arrows":
@@ -641,7 +641,7 @@ def render_gif_frames(
         draw = ImageDraw.Draw(image)
         frame_slice = amap.key_slice(index)
         for _, (t, y, x) in keys:
-            if frame_slice is not None and amap.key_slice(int(round(t))) == frame_slice:
+            if frame_slice is not None and amap.key_slice(t) == frame_slice:
                 cy, cx = y * scale + scale / 2, x * scale + scale / 2
                 draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=(255, 255, 255))
         colour = (255, 0, 0) if frame_slice == query_slice else (160, 160, 160)
