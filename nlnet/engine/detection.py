@@ -11,6 +11,7 @@ The default recipe trains on the generated built-in shapes (``nlnet.data.coco.ma
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
 import json
@@ -52,7 +53,7 @@ from nlnet.engine.distributed import (
     cleanup_distributed,
     setup_distributed,
 )
-from nlnet.engine.optim import RelativeStepSchedule, build_optimizer
+from nlnet.engine.optim import build_optimizer
 from nlnet.engine.sampler import ResumableSampler
 from nlnet.models import detection as detection_models
 
@@ -222,6 +223,9 @@ def _validate(cfg: DictConfig) -> None:
 class WarmupStepSchedule:
     """lr multiplier: linear warm-up from ``warmup_factor`` to 1 over ``warmup_iters``, times ``gamma`` per step.
 
+    Plain numbers only, so that ``LambdaLR.state_dict()`` (which stores this object's ``__dict__``) stays
+    loadable with ``weights_only=True``.
+
     Args:
         warmup_iters: length of the warm-up in iterations (0: none).
         warmup_factor: multiplier at iteration 0.
@@ -229,17 +233,14 @@ class WarmupStepSchedule:
         gamma: decay factor.
     """
 
-    def __init__(
-        self, warmup_iters: int, warmup_factor: float, decay_steps: Sequence[int], gamma: float
-    ) -> None:
+    def __init__(self, warmup_iters: int, warmup_factor: float, decay_steps: Sequence[int], gamma: float) -> None:
         self.warmup_iters = int(warmup_iters)
         self.warmup_factor = float(warmup_factor)
-        self.decay = RelativeStepSchedule(
-            [0, *[int(s) for s in decay_steps]], [float(gamma) ** i for i in range(len(decay_steps) + 1)]
-        )
+        self.decay_steps = [int(s) for s in decay_steps]
+        self.gamma = float(gamma)
 
     def __call__(self, iteration: int) -> float:
-        factor = self.decay(iteration)
+        factor = self.gamma ** bisect.bisect_right(self.decay_steps, iteration)
         if iteration < self.warmup_iters:
             alpha = iteration / self.warmup_iters
             factor *= self.warmup_factor * (1.0 - alpha) + alpha
