@@ -50,6 +50,7 @@ import platform
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -510,6 +511,24 @@ def _verdict(passed: bool) -> str:
     return "PASS" if passed else "FAIL"
 
 
+def block_version() -> str:
+    """The last commit touching nlnet/layers, marked "+ local changes" when the working tree differs."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M", "--", "nlnet/layers")
+    if not commit:
+        return "nlnet/layers at an unknown commit"
+    dirty = git("status", "--porcelain", "--", "nlnet/layers")
+    return f"nlnet/layers at {commit}" + (" + local changes" if dirty else "")
+
+
 def environment(options: dict) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -577,13 +596,13 @@ def main(argv: list[str] | None = None) -> int:
     options = {"threads": args.threads, "repeats": repeats, "case_seconds": args.case_seconds,
                "memory_cap_gib": args.memory_cap_gib, "case_timeout": args.case_timeout}
 
-    started = time.time()
+    started, version = time.time(), block_version()
     results = run_all(plan([SHAPES[name] for name in shapes], modes, impls), options)
     command = "python benchmarks/block.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     report = "\n".join([
         f"Command: `{command.strip()}`",
         "",
-        f"Machine: {environment(options)}; {math.ceil(time.time() - started)} s in all.",
+        f"Machine: {environment(options)}; {version}; {math.ceil(time.time() - started)} s in all.",
         "",
         table(results),
         "",
