@@ -216,3 +216,13 @@ def test_resumed_training_equals_uninterrupted(tmp_path) -> None:
     resumed = torch.load(tmp_path / "resumed" / "checkpoint_00000003.pt", weights_only=True)
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_every_detection_recipe_loads() -> None:
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[2] / "configs" / "detection").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for recipe in recipes:
+        cfg = engine.load_config(recipe)
+        assert cfg.data.task == ("keypoints" if "keypoint" in cfg.model.name else "instances")
