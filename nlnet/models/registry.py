@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nlnet.layers import NonLocalBlock
 from nlnet.layers.nonlocal_block import EXTENTS, MODES
-from nlnet.models.presets import CLIPS, INFLATIONS, PRESETS, STAGE_BLOCKS, resolve_nonlocal_positions
+from nlnet.models.presets import CLIPS, INFLATIONS, PRESETS, STAGE_BLOCKS, STAGES, resolve_nonlocal_positions
 from nlnet.models.resnet3d import ResNet3d
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ _DEFAULTS = {
     "nonlocal_extent": "spacetime",
     "nonlocal_norm": "bn",
     "nonlocal_pool": (1, 2, 2),
+    "nonlocal_temporal_groups": None,
     "clip": "32x2",
     "dropout": 0.5,
     "pretrained_2d": None,
@@ -53,6 +54,8 @@ def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
             nonlocal_extent: "spacetime" (default), "space", "time".
             nonlocal_norm: "bn" (default) or None.
             nonlocal_pool: max-pool kernel for keys/values, default (1, 2, 2); None turns it off.
+            nonlocal_temporal_groups: {stage: frames} to attend within groups of consecutive frames, as the
+                official frozen-BN long-clip (128x1, 32x4) models do at res3 ({"res3": 4}); default None.
             clip: "32x2" (default, the paper's stem) or "8x8" (temporal stride 1 stem).
             dropout: dropout before the classifier (default 0.5).
             pretrained_2d: path to a torchvision-format 2D ResNet state dict to inflate into the model.
@@ -95,6 +98,13 @@ def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
         if isinstance(pool, str) or len(tuple(pool)) != 3 or any(int(size) < 1 for size in pool):
             raise ValueError(f"nonlocal_pool must be None or 3 positive ints (T, H, W), got {pool!r}")
         pool = tuple(int(size) for size in pool)
+    groups = options["nonlocal_temporal_groups"]
+    if groups is not None:
+        given = groups
+        groups = {f"res{stage}" if isinstance(stage, int) else stage: size for stage, size in dict(given).items()}
+        valid_sizes = all(isinstance(size, int) and size >= 1 for size in groups.values())
+        if not set(groups) <= set(STAGES) or not valid_sizes:
+            raise ValueError(f"nonlocal_temporal_groups must map stages {STAGES} to positive ints, got {given!r}")
     layout = preset.nonlocal_blocks if options["nonlocal_blocks"] == "preset" else options["nonlocal_blocks"]
     inflation = INFLATIONS[preset.inflation]
     model = ResNet3d(
@@ -114,6 +124,7 @@ def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
             "pool_position": "before",
             "scale": True,
         },
+        nonlocal_temporal_groups=groups,
         num_classes=int(num_classes),
         dropout=float(options["dropout"]),
     )

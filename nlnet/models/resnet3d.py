@@ -204,6 +204,8 @@ class ResNet3d(nn.Module):
         clip: stem settings of the clip format.
         nonlocal_positions: {stage: block indices}; a non-local block follows each listed block.
         nonlocal_options: keyword arguments of `nlnet.NonLocalBlock` besides the channel count.
+        nonlocal_temporal_groups: {stage: frames per group} for blocks that attend within groups of
+            consecutive frames (the official long-clip models: {"res3": 4}); other stages attend globally.
         num_classes: classifier outputs.
         dropout: dropout before the classifier.
         in_channels: input channels.
@@ -222,6 +224,7 @@ class ResNet3d(nn.Module):
         clip: Clip,
         nonlocal_positions: dict[str, tuple[int, ...]],
         nonlocal_options: dict,
+        nonlocal_temporal_groups: dict[str, int] | None = None,
         num_classes: int,
         dropout: float,
         in_channels: int = 3,
@@ -236,7 +239,8 @@ class ResNet3d(nn.Module):
                 out_channels = width * Bottleneck.expansion
                 nonlocal_block = None
                 if block_index in nonlocal_positions.get(stage, ()):
-                    nonlocal_block = NonLocalBlock(out_channels, **nonlocal_options)
+                    groups = (nonlocal_temporal_groups or {}).get(stage)
+                    nonlocal_block = NonLocalBlock(out_channels, temporal_groups=groups, **nonlocal_options)
                 blocks.append(
                     Bottleneck(
                         channels,

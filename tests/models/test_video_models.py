@@ -144,6 +144,15 @@ def test_nonlocal_options_reach_every_block() -> None:
         assert (block.mode, block.extent, block.norm, block.pool_kernel) == ("dot_product", "time", None, None)
     concat = nonlocal_blocks(_build_meta("nl_c2d_r50", nonlocal_mode="concatenation"))
     assert all(hasattr(block, "concat") for block in concat.values())
+    # The official long-clip models: res3 blocks attend within groups of 4 frames, res4 blocks globally.
+    grouped = nonlocal_blocks(_build_meta("nl_i3d_r50", nonlocal_norm=None, nonlocal_temporal_groups={3: 4}))
+    assert {key: block.temporal_groups for key, block in grouped.items()} == {
+        "res3.1.nonlocal_block": 4,
+        "res3.3.nonlocal_block": 4,
+        "res4.1.nonlocal_block": None,
+        "res4.3.nonlocal_block": None,
+        "res4.5.nonlocal_block": None,
+    }
 
 
 def _temporal_kernels(model: torch.nn.Module, conv: str) -> dict[str, list[int]]:
@@ -285,6 +294,7 @@ def test_every_preset_trains_as_a_tiny_model(name: str) -> None:
         ({"dropout": 1.0}, "dropout must be in"),
         ({"nonlocal_pool": "default"}, "nonlocal_pool must be None or 3"),
         ({"nonlocal_pool": (1, 2)}, "nonlocal_pool must be None or 3"),
+        ({"nonlocal_temporal_groups": {"res6": 4}}, "nonlocal_temporal_groups must map"),
         ({"depth": 50}, "unknown overrides"),
     ],
 )
