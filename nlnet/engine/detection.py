@@ -165,8 +165,8 @@ _MASK_THRESHOLD = 0.5
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
     """A detection recipe: :data:`DEFAULTS`, then the YAML file, then dotted ``key=value`` overrides.
 
-    ``nlnet.engine.config.load_config`` holds the video recipe's schema, so detection keeps its own schema with
-    the same rules (struct mode: a misspelt key is an error; ``model.overrides`` is open).
+    ``nlnet.engine.config.load_config`` holds the video recipe's schema, so detection keeps its own schema
+    with the same rules (struct mode: a misspelt key is an error; ``model.overrides`` is open).
 
     Raises:
         ValueError: an unknown key, a malformed override or an invalid value.
@@ -221,7 +221,7 @@ def _validate(cfg: DictConfig) -> None:
 
 
 class WarmupStepSchedule:
-    """lr multiplier: linear warm-up from ``warmup_factor`` to 1 over ``warmup_iters``, times ``gamma`` per step.
+    """lr multiplier: linear warm-up from ``warmup_factor`` to 1 over ``warmup_iters``, ``gamma`` per step.
 
     Plain numbers only, so that ``LambdaLR.state_dict()`` (which stores this object's ``__dict__``) stays
     loadable with ``weights_only=True``.
@@ -233,7 +233,9 @@ class WarmupStepSchedule:
         gamma: decay factor.
     """
 
-    def __init__(self, warmup_iters: int, warmup_factor: float, decay_steps: Sequence[int], gamma: float) -> None:
+    def __init__(
+        self, warmup_iters: int, warmup_factor: float, decay_steps: Sequence[int], gamma: float
+    ) -> None:
         self.warmup_iters = int(warmup_iters)
         self.warmup_factor = float(warmup_factor)
         self.decay_steps = [int(s) for s in decay_steps]
@@ -458,12 +460,13 @@ def evaluate(
         verbose: print the COCOeval tables.
 
     Returns:
-        {"metrics": {iou_type: {stat: value}}, "num_images": evaluated images, "unreadable": image ids skipped}.
+        {"metrics": {iou_type: {stat: value}}, "num_images": images evaluated, "unreadable": ids skipped}.
         Processes other than the main one get an empty "metrics".
     """
     if dataset.task == "keypoints" and kpt_oks_sigmas is None and len(dataset.keypoint_names) != 17:
         raise ValueError(
-            f"keypoint AP needs one OKS sigma per keypoint: the set has {len(dataset.keypoint_names)} keypoints, "
+            f"keypoint AP needs one OKS sigma per keypoint: the set has {len(dataset.keypoint_names)} "
+            "keypoints, "
             "COCO's default sigmas are for 17; set data.kpt_oks_sigmas"
         )
     device = next(model.parameters()).device
@@ -571,13 +574,13 @@ def train(cfg: DictConfig, *, resume: bool | str | Path = False, device: str | N
 
     Args:
         cfg: from :func:`load_config`.
-        resume: False to start afresh (``output_dir`` must hold no checkpoint), True to continue from the latest
-            checkpoint in ``output_dir`` (afresh if none), or a checkpoint path.
+        resume: False to start afresh (``output_dir`` must hold no checkpoint), True to continue from the
+            latest checkpoint in ``output_dir`` (afresh if none), or a checkpoint path.
         device: "cpu" or "cuda"; None picks CUDA when available.
 
     Returns:
-        {"iteration", "checkpoint" (final file), "losses" (last logged mean of each loss), "step_time_s" (median
-        seconds per step), "metrics" (final evaluation, empty if off), "unreadable" (image ids skipped)}.
+        {"iteration", "checkpoint" (final file), "losses" (last logged mean of each loss), "step_time_s"
+        (median seconds per step), "metrics" (final evaluation, empty if off), "unreadable" (image ids skipped)}.
     """
     ctx = setup_distributed(device)
     try:
@@ -592,7 +595,7 @@ def train(cfg: DictConfig, *, resume: bool | str | Path = False, device: str | N
             resume_from = None
             if latest_checkpoint(out) is not None:
                 raise FileExistsError(
-                    f"{out} already holds checkpoints; pass --resume to continue, or choose another output_dir"
+                    f"{out} already holds checkpoints; pass --resume to continue or choose another output_dir"
                 )
         return _train(cfg, ctx, resume_from)
     finally:
@@ -646,6 +649,9 @@ def _train(cfg: DictConfig, ctx: DistContext, resume_from: Path | None) -> dict[
     sampler = ResumableSampler(
         len(train_set), shuffle=True, seed=seed, rank=ctx.rank, world_size=ctx.world_size
     )
+    # Each DataLoader iterator draws its workers' base seed; from its own generator (saved in checkpoints)
+    # that draw leaves the global RNG, which RoI sampling and flips use, as it is in the uninterrupted run.
+    loader_generator = torch.Generator().manual_seed(seed + ctx.rank)
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=batch_per_rank,
@@ -653,6 +659,7 @@ def _train(cfg: DictConfig, ctx: DistContext, resume_from: Path | None) -> dict[
         num_workers=int(train_cfg.num_workers),
         collate_fn=collate_detection,
         drop_last=True,
+        generator=loader_generator,
     )
 
     iteration = 0
@@ -665,15 +672,17 @@ def _train(cfg: DictConfig, ctx: DistContext, resume_from: Path | None) -> dict[
             )
         if int(state["global_batch"]) != global_batch:
             raise ValueError(
-                f"{resume_from}: saved with global batch {state['global_batch']}, the config has {global_batch}"
+                f"{resume_from}: saved with global batch {state['global_batch']}, the config has "
+                f"{global_batch}"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         iteration = int(state["iteration"])
         unreadable.update(int(i) for i in state["unreadable"])
-        rng = state["rng"]
+        rng, loader_rng = state["rng"], state["loader_rng"]
         set_rng_state(rng[ctx.rank % len(rng)])
+        loader_generator.set_state(loader_rng[ctx.rank % len(loader_rng)])
         logger.info("resumed from %s at iteration %d", resume_from, iteration)
 
     jsonl = None
@@ -691,6 +700,7 @@ def _train(cfg: DictConfig, ctx: DistContext, resume_from: Path | None) -> dict[
             "iteration": iteration,
             "global_batch": global_batch,
             "rng": all_gather_objects(get_rng_state()),
+            "loader_rng": all_gather_objects(loader_generator.get_state()),
             "unreadable": sorted({i for part in all_gather_objects(sorted(unreadable)) for i in part}),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
@@ -819,9 +829,10 @@ def measure_cost(
 
     Two detectors are built from the same seed, the recipe's and the same without non-local blocks. FLOPs are
     counted for an inference forward pass on the recipe's first training images and, with ``image_size``, on a
-    random image of that size (e.g. 800 x 1216, the paper's COCO scale; the detector's ``min_size``/``max_size``
-    are raised to fit it). The blocks' own cost is the difference of the two backbones' FLOPs on the same input,
-    which does not depend on how many detections the heads process. Step time alternates the two models step by
+    random image of that size (e.g. 800 x 1216, the paper's COCO scale; the detector's ``min_size`` and
+    ``max_size`` are raised to fit it). The blocks' own cost is the difference of the two backbones' FLOPs on
+    the same input, which does not depend on how many detections the heads process. Step time alternates the
+    two models step by
     step, so both see the same machine load; the first step of each is not counted.
 
     Args:

@@ -1,4 +1,4 @@
-"""COCO-format detection data: flips that swap left/right keypoints, skipping bad input, the built-in shapes."""
+"""COCO-format detection data: flips that swap left/right keypoints, skipping bad input, built-in shapes."""
 
 from __future__ import annotations
 
@@ -10,12 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from nlnet.data.coco import CocoDetection, collate_detection, flip_map_from_names, hflip_target, make_shapes_coco
+from nlnet.data.coco import (
+    CocoDetection,
+    collate_detection,
+    flip_map_from_names,
+    hflip_target,
+    make_shapes_coco,
+)
 
 COCO_PERSON = [
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
-    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
-    "right_ankle",
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+    "right_knee", "left_ankle", "right_ankle",
 ]  # fmt: skip
 
 
@@ -30,14 +36,18 @@ def test_hflip_target_mirrors_and_swaps() -> None:
         "boxes": torch.tensor([[10.0, 5.0, 30.0, 25.0]]),
         "masks": torch.zeros(1, 40, 50, dtype=torch.uint8),
         # top, left, bottom, right; the bottom one is unlabelled
-        "keypoints": torch.tensor([[[20.0, 5.0, 2.0], [10.0, 15.0, 2.0], [0.0, 0.0, 0.0], [30.0, 14.0, 1.0]]]),
+        "keypoints": torch.tensor(
+            [[[20.0, 5.0, 2.0], [10.0, 15.0, 2.0], [0.0, 0.0, 0.0], [30.0, 14.0, 1.0]]]
+        ),
     }
     target["masks"][0, 5:25, 10:30] = 1
     flipped = hflip_target(target, width=50, flip_map=[0, 3, 2, 1])
     assert flipped["boxes"].tolist() == [[20.0, 5.0, 40.0, 25.0]]
     assert flipped["masks"][0, 5:25, 20:40].all() and flipped["masks"].sum() == 400
     # the new "left" is the old "right" mirrored, and the other way round; unlabelled stays (0, 0, 0)
-    assert flipped["keypoints"].tolist() == [[[30.0, 5.0, 2.0], [20.0, 14.0, 1.0], [0.0, 0.0, 0.0], [40.0, 15.0, 2.0]]]
+    assert flipped["keypoints"].tolist() == [
+        [[30.0, 5.0, 2.0], [20.0, 14.0, 1.0], [0.0, 0.0, 0.0], [40.0, 15.0, 2.0]]
+    ]
     twice = hflip_target(flipped, width=50, flip_map=[0, 3, 2, 1])
     for key in target:
         assert torch.equal(twice[key], target[key])
@@ -62,7 +72,9 @@ def test_shapes_keypoint_set_flips_correctly(tmp_path) -> None:
     assert (kp_f[:, 1, 0] < kp_f[:, 3, 0]).all()  # "left" is still left of "right"
     # every corner lies inside its box
     boxes = target_f["boxes"]
-    assert (kp_f[..., 0] >= boxes[:, None, 0] - 1e-3).all() and (kp_f[..., 0] <= boxes[:, None, 2] + 1e-3).all()
+    assert (kp_f[..., 0] >= boxes[:, None, 0] - 1e-3).all() and (
+        kp_f[..., 0] <= boxes[:, None, 2] + 1e-3
+    ).all()
 
 
 def test_shapes_instances_are_deterministic_and_masks_match_polygons(tmp_path) -> None:
@@ -80,7 +92,12 @@ def test_shapes_instances_are_deterministic_and_masks_match_polygons(tmp_path) -
         # rasterised area within a pixel-wide rim of the polygon's exact area
         assert abs(int(mask.sum()) - annotation["area"]) < 0.25 * annotation["area"] + 10
         ys, xs = torch.nonzero(mask, as_tuple=True)
-        assert box[0] - 1 <= xs.min() and xs.max() <= box[2] + 1 and box[1] - 1 <= ys.min() and ys.max() <= box[3] + 1
+        assert (
+            box[0] - 1 <= xs.min()
+            and xs.max() <= box[2] + 1
+            and box[1] - 1 <= ys.min()
+            and ys.max() <= box[3] + 1
+        )
 
 
 def test_bad_input_is_skipped_with_a_warning_and_counted(tmp_path) -> None:
@@ -91,9 +108,27 @@ def test_bad_input_is_skipped_with_a_warning_and_counted(tmp_path) -> None:
     square = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
     annotations = [
         {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "segmentation": [square]},
-        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10], "segmentation": [square]},  # zero width
-        {"id": 3, "image_id": 1, "category_id": 1, "bbox": [60, 5, 10, 10], "segmentation": [square]},  # outside
-        {"id": 4, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9], "segmentation": [[1, 1, 5, 5, 9, 9]]},
+        {
+            "id": 2,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [5, 5, 0, 10],
+            "segmentation": [square],
+        },  # zero width
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [60, 5, 10, 10],
+            "segmentation": [square],
+        },  # outside
+        {
+            "id": 4,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [1, 1, 9, 9],
+            "segmentation": [[1, 1, 5, 5, 9, 9]],
+        },
         {"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9], "segmentation": [[1, 1, 5, 5]]},
         {"id": 6, "image_id": 2, "category_id": 1, "bbox": [1, 1, 9, 9], "segmentation": [square]},
         {"id": 7, "image_id": 3, "category_id": 1, "bbox": [1, 1, 9, 9], "segmentation": [square]},

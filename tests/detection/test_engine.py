@@ -44,7 +44,11 @@ def _write_case(tmp_path):
     for image_id, (h, w) in sizes.items():
         Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8)).save(images / f"{image_id}.png")
     (images / "3.png").write_bytes(b"not a png")
-    rects = {1: (1, [10.0, 10.0, 40.0, 30.0]), 2: (2, [40.0, 20.0, 60.0, 40.0]), 3: (1, [5.0, 5.0, 25.0, 25.0])}
+    rects = {
+        1: (1, [10.0, 10.0, 40.0, 30.0]),
+        2: (2, [40.0, 20.0, 60.0, 40.0]),
+        3: (1, [5.0, 5.0, 25.0, 25.0]),
+    }
     annotations = []
     for image_id, (category, (x1, y1, x2, y2)) in rects.items():
         annotations.append(
@@ -77,7 +81,10 @@ def test_coco_evaluation_matches_hand_computed_ap(tmp_path) -> None:
     shifted_mask = torch.roll(gt_masks[2], shifts=(3, 3), dims=(0, 1))
     duplicate_mask = torch.roll(gt_masks[1], shifts=(3, 3), dims=(0, 1))
     outputs = {
-        (64, 80): {  # image 1, class 1: an exact detection and a lower-scored shifted duplicate (a false positive)
+        (
+            64,
+            80,
+        ): {  # image 1, class 1: an exact detection and a lower-scored shifted duplicate (a false positive)
             "boxes": torch.tensor([exact, duplicate]),
             "labels": torch.tensor([1, 1]),
             "scores": torch.tensor([0.9, 0.5]),
@@ -183,7 +190,10 @@ def test_cli_train_then_eval_on_the_builtin_set(tmp_path, capsys) -> None:
     torch.set_num_threads(1)
     assert main(["detect", "train", *_tiny(tmp_path, "run", 2)]) == 0
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_00000001.pt", "checkpoint_00000002.pt"]
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == [
+        "checkpoint_00000001.pt",
+        "checkpoint_00000002.pt",
+    ]
     trained = json.loads((run / "results.json").read_text())
     assert set(trained["metrics"]) == {"bbox", "segm"} and len(trained["metrics"]["bbox"]) == 12
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -41,7 +41,9 @@ def _call_order(sequence: nn.Sequential, x: torch.Tensor) -> list[str]:
     ("name", "res4_blocks", "after"),
     [("maskrcnn_r50_fpn", 6, 4), ("maskrcnn_r101_fpn", 23, 21), ("keypointrcnn_r50_fpn", 6, 4)],
 )
-def test_backbone_block_runs_right_before_the_last_res4_block(name: str, res4_blocks: int, after: int) -> None:
+def test_backbone_block_runs_right_before_the_last_res4_block(
+    name: str, res4_blocks: int, after: int
+) -> None:
     model = _default(name)
     res4 = model.backbone.body.layer3
     order = _call_order(res4, torch.randn(1, 512, 8, 8))
@@ -77,7 +79,10 @@ def test_keypoint_head_has_a_block_after_every_second_conv() -> None:
 @pytest.mark.parametrize(
     ("name", "reference"),
     [
-        ("maskrcnn_r50_fpn", lambda: maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)),
+        (
+            "maskrcnn_r50_fpn",
+            lambda: maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91),
+        ),
         (
             "keypointrcnn_r50_fpn",
             lambda: keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2),
@@ -134,7 +139,9 @@ def test_trained_torchvision_detector_gives_the_same_detections_with_the_blocks(
     blocks = detection.nonlocal_blocks(model)
     assert len(blocks) == (1 if kind == "mask" else 5)
     # BN fills in a missing num_batches_tracked counter itself; every other tensor of every block is reported
-    expected = [f"{n}.{k}" for n, b in blocks.items() for k in b.state_dict() if k != "norm.num_batches_tracked"]
+    expected = [
+        f"{n}.{k}" for n, b in blocks.items() for k in b.state_dict() if k != "norm.num_batches_tracked"
+    ]
     assert sorted(report.missing_nonlocal) == sorted(expected)
     calls = []
     for block in blocks.values():
@@ -174,14 +181,18 @@ def test_frozen_backbone_bn_keeps_a_trainable_block_bn() -> None:
 
 
 def test_mismatched_predictor_is_reported_or_skipped() -> None:
-    source = detection.create("maskrcnn_r50_fpn", num_classes=91, nonlocal_backbone=False, **SMALL).state_dict()
+    source = detection.create(
+        "maskrcnn_r50_fpn", num_classes=91, nonlocal_backbone=False, **SMALL
+    ).state_dict()
     model = detection.create("maskrcnn_r50_fpn", num_classes=4, **SMALL)
     with pytest.raises(ValueError, match="shape mismatch"):
         detection.load_detector_state_dict(model, source)
     report = detection.load_detector_state_dict(model, source, skip_mismatched=True)
     assert "roi_heads.box_predictor.cls_score.weight" in report.skipped_mismatched
     with pytest.raises(ValueError, match="unexpected keys"):
-        detection.load_detector_state_dict(model, {**source, "bogus.weight": torch.zeros(1)}, skip_mismatched=True)
+        detection.load_detector_state_dict(
+            model, {**source, "bogus.weight": torch.zeros(1)}, skip_mismatched=True
+        )
 
 
 def test_bad_arguments_are_value_errors() -> None:
