@@ -580,7 +580,7 @@ def train(cfg: DictConfig, *, resume: bool | str | Path = False, device: str | N
 
     Returns:
         {"iteration", "checkpoint" (final file), "losses" (last logged mean of each loss), "step_time_s"
-        (median seconds per step), "metrics" (final evaluation, empty if off), "unreadable" (image ids skipped)}.
+        (median seconds per step), "metrics" (final evaluation, empty if off), "unreadable" (ids skipped)}.
     """
     ctx = setup_distributed(device)
     try:
