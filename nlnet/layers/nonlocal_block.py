@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nlnet.layers import pairwise
@@ -28,6 +29,7 @@ _DEFAULT_POOL = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _LAYOUT = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
 class NonLocalBlock(nn.Module):
@@ -164,7 +166,7 @@ class NonLocalBlock(nn.Module):
         source = self._check_inputs(x, memory)
         queries, keys, values = self._embed(x, source)
         dtype = pairwise.compute_dtype(values)
-        with torch.autocast(x.device.type, enabled=False):
+        with pairwise.autocast_off(x):
             queries, keys, values = queries.to(dtype), keys.to(dtype), values.to(dtype)
             if self.impl == "explicit":
                 y = torch.bmm(self._weights(queries, keys), values)
@@ -217,8 +219,18 @@ class NonLocalBlock(nn.Module):
             )
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected x with {self.in_channels} channels, got {x.shape[1]} ({tuple(x.shape)})")
-        if memory is None:
-            return x
+        source = x if memory is None else memory
+        if memory is not None:
+            self._check_memory(x, memory)
+        if self.pool_kernel and any(size < k for size, k in zip(source.shape[2:], self.pool_kernel, strict=True)):
+            raise ValueError(
+                f"pooling kernel {self.pool_kernel} is larger than the key grid {tuple(source.shape[2:])}; "
+                "use a smaller pool or pool=None"
+            )
+        return source
+
+    def _check_memory(self, x: torch.Tensor, memory: torch.Tensor) -> None:
+        expected = _LAYOUT[self.dim]
         if memory.dim() != self.dim + 2:
             raise ValueError(
                 f"memory must be {self.dim + 2}-D {expected} like x, got {memory.dim()}-D {tuple(memory.shape)}"
@@ -229,7 +241,6 @@ class NonLocalBlock(nn.Module):
             raise ValueError(
                 f"expected memory with memory_channels={self.memory_channels} channels, got {memory.shape[1]}"
             )
-        return memory
 
     def _key_shape(self, source_shape: torch.Size) -> tuple[int, ...]:
         if self.pool_kernel is None:
@@ -246,7 +257,7 @@ class NonLocalBlock(nn.Module):
         key_shape = self._key_shape(source.shape[2:])
         pool_first = kernel is None or self.pool_position == "before"
         needs_pooled = kernel is not None and (pool_first or self.mode == "gaussian")
-        pooled = _window_max(source, kernel, first_axis=2) if needs_pooled else source
+        pooled = _MAX_POOL[self.dim](source, kernel, kernel) if needs_pooled else source
 
         def embed_keys(conv: nn.Conv1d) -> torch.Tensor:
             if pool_first:
@@ -337,7 +348,7 @@ class NonLocalBlock(nn.Module):
                 y, weight, self.out.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var, factor, norm.eps
             )
             return out.view(shape)
-        with torch.autocast(y.device.type, enabled=False):
+        with pairwise.autocast_off(y):
             projected = torch.baddbmm(
                 self.out.bias.to(y.dtype)[:, None], weight.to(y.dtype).expand(batch, -1, -1), y.mT
             )  # (B, C, d) @ (B, d, N) -> (B, C, N)
@@ -381,7 +392,7 @@ def _stats_dtype(y: torch.Tensor) -> torch.dtype:
 
 
 def _project_for_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(y.device.type, enabled=False):
+    with pairwise.autocast_off(y):
         return torch.baddbmm(bias.to(y.dtype)[:, None], weight.to(y.dtype).expand(y.shape[0], -1, -1), y.mT)
 
 
@@ -399,19 +410,14 @@ def _project(features: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
 def _window_max(features: torch.Tensor, kernel: tuple[int, ...], first_axis: int) -> torch.Tensor:
     """Max pooling with kernel = stride and floor mode over the axes from ``first_axis`` on.
 
-    Written as a reshape and ``amax`` so that backward keeps the (already needed) pooled tensor rather than
-    int64 indices, and so that it pools channel-last tensors as well.
+    Written as a reshape and ``amax`` so that it pools the position-major (channel-last) outputs of φ and g
+    in place, without transposing them to the layout ``max_pool`` wants.
     """
     shape = list(features.shape[:first_axis])
     crop = [slice(None)] * features.dim()
     for offset, k in enumerate(kernel):
         axis = first_axis + offset
         size = features.shape[axis]
-        if size < k:
-            raise ValueError(
-                f"pooling kernel {kernel} is larger than the key grid {tuple(features.shape[first_axis:])}; "
-                "use a smaller pool or pool=None"
-            )
         crop[axis] = slice(0, size - size % k)
         shape += [size // k, k]
     shape += list(features.shape[first_axis + len(kernel):])

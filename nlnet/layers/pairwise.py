@@ -16,6 +16,8 @@ All functions take batched position-major tensors: queries (B, N, d), keys (B, M
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -35,9 +37,19 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     part never runs in it; bfloat16 has float32's range and stays.
     """
     dtype = tensor.dtype
-    if torch.is_autocast_enabled(tensor.device.type) and dtype in (torch.float32, torch.float16, torch.bfloat16):
-        dtype = torch.get_autocast_dtype(tensor.device.type)
+    device = tensor.device.type
+    autocast_on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if autocast_on and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.get_autocast_dtype(device)
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off on ``tensor``'s device (a no-op where autocast does not exist: meta)."""
+    device = tensor.device.type
+    if torch.amp.is_autocast_available(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def softmax_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -69,12 +81,16 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """
     batch, queries, head_dim = q.shape
     keys = k.shape[1]
-    wide_cpu_head = q.device.type == "cpu" and head_dim > FLASH_MAX_HEAD_DIM_CPU
-    if head_dim == v.shape[-1] and not wide_cpu_head:
+    on_cpu = q.device.type == "cpu"
+    # With no more keys than value channels the affinity is no bigger than the output the block keeps anyway,
+    # and on CPU two GEMMs beat the flash kernel there (res4 of the video models: 196 keys, 512 channels).
+    few_keys = on_cpu and keys <= v.shape[-1]
+    wide_head = on_cpu and head_dim > FLASH_MAX_HEAD_DIM_CPU
+    if head_dim == v.shape[-1] and not (few_keys or wide_head):
         # (B, 1, N, d) · (B, 1, M, d) -> (B, 1, N, d): the flash kernel keeps only q, k, v, out and the lse.
         out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale)
         return out.squeeze(1)
-    if batch * queries * keys * q.element_size() <= EXPLICIT_AFFINITY_BYTES:
+    if few_keys or batch * queries * keys * q.element_size() <= EXPLICIT_AFFINITY_BYTES:
         return torch.bmm(softmax_weights(q, k, scale), v)
     return _ChunkedSoftmaxAttention.apply(q, k, v, scale)
 

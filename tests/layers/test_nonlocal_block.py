@@ -309,3 +309,11 @@ def test_bad_inputs_name_what_was_expected():
         block(torch.randn(2, 8, 2, 1, 1), memory=torch.randn(2, 6, 2, 1, 1))
     with pytest.raises(ValueError, match="divisible into groups"):
         NonLocalBlock(8, temporal_groups=4)(torch.randn(1, 8, 6, 4, 4))
+
+
+def test_meta_device_for_shape_and_flop_counting():
+    block = NonLocalBlock(16, mode="embedded_gaussian").to("meta")
+    x = torch.empty(2, 16, 4, 8, 8, device="meta", requires_grad=True)
+    out = block(x)
+    out.sum().backward()
+    assert out.shape == x.shape and block.attention(x).shape == (2, 256, 64)
