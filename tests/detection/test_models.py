@@ -203,3 +203,9 @@ def test_bad_arguments_are_value_errors() -> None:
     with pytest.raises(ValueError, match="trainable_backbone_layers"):
         detection.create("maskrcnn_r50_fpn", trainable_backbone_layers=6)
     assert detection.available() == ["keypointrcnn_r50_fpn", "maskrcnn_r101_fpn", "maskrcnn_r50_fpn"]
+
+
+def test_public_namespace() -> None:
+    from nlnet import detection as namespace
+
+    assert namespace.create is detection.create and namespace.available() == detection.available()
