@@ -247,7 +247,7 @@ def check_and_measure_memory(case: Case, options: dict) -> Result:
                 raise
             # A peer whose backward is broken (mmcv's concatenation divides its ReLU output in place).
             result.status = "no_backward"
-            result.message = "backward raises: " + str(error).split(":")[0][:90]
+            result.message = "backward raises: " + str(error).split(":")[0]
             return result
         gc.collect()
         baseline = _proc_status_kib("VmRSS")
@@ -436,6 +436,8 @@ def table(results: list[Result]) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for result in results:
+        if result.status == "unsupported":
+            continue
         case = result.case
         explicit = _find(results, case.shape, case.mode, "explicit")
         fastest = _fastest_peer(results, case.shape, case.mode)
@@ -452,9 +454,50 @@ def table(results: list[Result]) -> str:
             _ratio(result.saved_bytes, explicit.saved_bytes) if explicit_ok else "–",
             _cell_mib(result.peak_bytes),
             "–" if result.max_diff is None else f"{result.max_diff:.1e}",
-            result.message if result.status in ("unsupported", "mismatch", "no_backward", "error") else "",
+            result.message if result.status in ("mismatch", "no_backward", "error") else "",
         ]) + " |")
     return "\n".join(lines)
+
+
+def not_expressible(results: list[Result]) -> list[str]:
+    """The peer/configuration pairs left out of the table, once per reason."""
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for result in results:
+        if result.status == "unsupported":
+            where = f"{result.case.shape.name} {result.case.mode}"
+            reasons.setdefault((result.case.impl, result.message), []).append(where)
+    return [f"{impl}: {message} ({len(where)} of the (shape, mode) pairs)"
+            for (impl, message), where in reasons.items()]
+
+
+def report(headers: list[str], results: list[Result]) -> str:
+    """The markdown report: run headers, table, peers' gaps, target verdicts."""
+    return "\n".join([
+        *headers,
+        "",
+        table(results),
+        "",
+        "Not run because the peer cannot express the mode or dimensionality:",
+        "",
+        *(f"- {line}" for line in not_expressible(results)),
+        "",
+        "Targets:",
+        "",
+        *(f"- {line}" for line in verdicts(results)),
+        "",
+    ])
+
+
+def _result_from_dict(raw: dict) -> Result:
+    case = dict(raw["case"])
+    case["shape"] = Shape(**{**case["shape"], "spatial": tuple(case["shape"]["spatial"])})
+    return Result(**{**raw, "case": Case(**case)})
+
+
+def load_results(path: Path) -> tuple[str, list[Result]]:
+    """The header and results of a run saved with ``--json``."""
+    saved = json.loads(path.read_text())
+    return saved["header"], [_result_from_dict(raw) for raw in saved["results"]]
 
 
 def verdicts(results: list[Result]) -> list[str]:
@@ -467,7 +510,9 @@ def verdicts(results: list[Result]) -> list[str]:
         explicit = _find(results, shape, mode, "explicit")
 
         fastest = _fastest_peer(results, shape, mode)
-        if fastest is not None:
+        if fastest is None:
+            lines.append(f"n/a time ≤ fastest peer — {where}: no peer runs forward+backward here")
+        else:
             ours = _nlnet_as(results, shape, mode, fastest.case.impl)
             limit = 1.0 if shape.kind == "long" else 1.1
             if _ok(ours):
@@ -567,6 +612,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--case-timeout", type=float, default=900.0, help="seconds before a case is killed")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the report to this file")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results to this file")
+    parser.add_argument("--report-from", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="run nothing: rebuild one report from the --json files of earlier runs")
     return parser.parse_args(argv)
 
 
@@ -583,6 +630,13 @@ def _pick(value: str | None, allowed: Iterable[str], default: Iterable[str], wha
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_from:
+        loaded = [load_results(path) for path in args.report_from]
+        text = report([header for header, _ in loaded], [r for _, results in loaded for r in results])
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text)
+        return 0
     peers = installed_peers()
     shapes = _pick(args.shapes, SHAPES, QUICK["shapes"] if args.quick else SHAPES, "shapes")
     modes = _pick(args.modes, _peers.MODES, QUICK["modes"] if args.quick else _peers.MODES, "modes")
@@ -599,25 +653,16 @@ def main(argv: list[str] | None = None) -> int:
     started, version = time.time(), block_version()
     results = run_all(plan([SHAPES[name] for name in shapes], modes, impls), options)
     command = "python benchmarks/block.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    report = "\n".join([
-        f"Command: `{command.strip()}`",
-        "",
-        f"Machine: {environment(options)}; {version}; {math.ceil(time.time() - started)} s in all.",
-        "",
-        table(results),
-        "",
-        "Targets:",
-        "",
-        *(f"- {line}" for line in verdicts(results)),
-        "",
-    ])
-    print(report)
+    header = (f"Command: `{command.strip()}`\n\nMachine: {environment(options)}; {version}; "
+              f"{math.ceil(time.time() - started)} s in all.")
+    text = report([header], results)
+    print(text)
     if args.markdown:
-        args.markdown.write_text(report)
+        args.markdown.write_text(text)
     if args.json:
-        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+        saved = {"header": header, "results": [dataclasses.asdict(r) for r in results]}
+        args.json.write_text(json.dumps(saved, indent=1))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
