@@ -53,7 +53,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -353,8 +353,12 @@ def _in_fresh_process(context, function, args: tuple, timeout: float) -> tuple[s
         receiver.close()
 
 
-def run_all(groups: list[list[Case]], options: dict) -> list[Result]:
-    """Per group: each case checked and memory-measured in its own process, then the runnable ones timed."""
+def run_all(groups: list[list[Case]], options: dict,
+            on_group: Callable[[list[Result]], None] | None = None) -> list[Result]:
+    """Per group: each case checked and memory-measured in its own process, then the runnable ones timed.
+
+    ``on_group`` is called with the results so far after each group (to save partial results of long runs).
+    """
     context = multiprocessing.get_context("forkserver")
     # Preloading this module too (as __main__ when run as a script) pins the code of the whole run: case
     # processes are forks of the server and do not re-read files that may change while a long run goes on.
@@ -385,6 +389,8 @@ def run_all(groups: list[list[Case]], options: dict) -> list[Result]:
             print(f"[{len(results)}/{total}] {result.case.shape.name} {result.case.mode} {result.case.row_name}: "
                   f"{_cell_time(result)} ms, saved {_cell_mib(result.saved_bytes)} MiB, "
                   f"peak {_cell_mib(result.peak_bytes)} MiB {result.message}", file=sys.stderr, flush=True)
+        if on_group is not None:
+            on_group(results)
     return results
 
 
@@ -477,10 +483,8 @@ def report(headers: list[str], results: list[Result]) -> str:
         "",
         table(results),
         "",
-        "Not run because the peer cannot express the mode or dimensionality:",
-        "",
-        *(f"- {line}" for line in not_expressible(results)),
-        "",
+        *(["Not run because the peer cannot express the mode or dimensionality:", "",
+           *(f"- {line}" for line in not_expressible(results)), ""] if not_expressible(results) else []),
         "Targets:",
         "",
         *(f"- {line}" for line in verdicts(results)),
@@ -651,18 +655,25 @@ def main(argv: list[str] | None = None) -> int:
                "memory_cap_gib": args.memory_cap_gib, "case_timeout": args.case_timeout}
 
     started, version = time.time(), block_version()
-    results = run_all(plan([SHAPES[name] for name in shapes], modes, impls), options)
     command = "python benchmarks/block.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    header = (f"Command: `{command.strip()}`\n\nMachine: {environment(options)}; {version}; "
-              f"{math.ceil(time.time() - started)} s in all.")
-    text = report([header], results)
+
+    def header(finished: bool) -> str:
+        took = f"{math.ceil(time.time() - started)} s in all" if finished else "partial results of a run"
+        return f"Command: `{command.strip()}`\n\nMachine: {environment(options)}; {version}; {took}."
+
+    def save(results: list[Result], finished: bool = False) -> None:
+        if args.json:
+            saved = {"header": header(finished), "results": [dataclasses.asdict(r) for r in results]}
+            args.json.write_text(json.dumps(saved, indent=1))
+
+    results = run_all(plan([SHAPES[name] for name in shapes], modes, impls), options, on_group=save)
+    save(results, finished=True)
+    text = report([header(finished=True)], results)
     print(text)
     if args.markdown:
         args.markdown.write_text(text)
-    if args.json:
-        saved = {"header": header, "results": [dataclasses.asdict(r) for r in results]}
-        args.json.write_text(json.dumps(saved, indent=1))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
