@@ -528,8 +528,8 @@ def evaluate_checkpoint(
 
     Args:
         cfg: the recipe (:func:`load_config`).
-        checkpoint: an nlnet detection checkpoint, or a bare torchvision detector state dict (the non-local
-            blocks it lacks stay the identity).
+        checkpoint: an nlnet detection checkpoint or a bare torchvision detector state dict; non-local blocks
+            it lacks (a baseline's checkpoint, a torchvision COCO detector) stay the identity.
         output_dir: where detections and results.json go (default ``cfg.output_dir``).
         device: "cpu" or "cuda"; None picks CUDA when available.
 
@@ -542,11 +542,10 @@ def evaluate_checkpoint(
         model_cfg = cfg.model.copy()
         model_cfg.weights = model_cfg.weights_backbone = None
         model = build_model(model_cfg, val_set)
-        state = load_checkpoint(checkpoint)
-        if state.get("format") == CHECKPOINT_FORMAT:
-            model.load_state_dict(state["model"])
-        else:
-            detection_models.load_detector_state_dict(model, state)
+        # strict but for non-local blocks, so a model trained without them can be scored with them (identity)
+        report = detection_models.load_detector_state_dict(model, _read_state_dict(checkpoint))
+        if report.missing_nonlocal:
+            logger.info("%s has no non-local blocks; they stay the identity", checkpoint)
         model.to(ctx.device)
         out = Path(output_dir if output_dir is not None else cfg.output_dir)
         result = evaluate(
