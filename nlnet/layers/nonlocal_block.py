@@ -248,39 +248,40 @@ class NonLocalBlock(nn.Module):
         return tuple(size // k for size, k in zip(source_shape, self.pool_kernel, strict=True))
 
     def _embed(self, x: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Grouped queries, keys and values, position-major: (B·G, n, ·), (B·G, m, ·), (B·G, m, d).
+        """Grouped queries, keys and values as position-major views: (B·G, n, ·), (B·G, m, ·), (B·G, m, d).
 
+        Projections are computed channel-major, as a convolution would: the kernels read them through
+        transposed views, and the gradients reaching x come back in x's own layout, with no transposition.
         In concatenation mode queries and keys are the scalar terms a_i = w_θ·θ_i and b_j = w_φ·φ_j, (B·G, n)
         and (B·G, m).
         """
         kernel = self.pool_kernel
-        key_shape = self._key_shape(source.shape[2:])
+        max_pool = _MAX_POOL[self.dim]
         pool_first = kernel is None or self.pool_position == "before"
         needs_pooled = kernel is not None and (pool_first or self.mode == "gaussian")
-        pooled = _MAX_POOL[self.dim](source, kernel, kernel) if needs_pooled else source
+        pooled = max_pool(source, kernel, kernel) if needs_pooled else source
 
-        def embed_keys(conv: nn.Conv1d) -> torch.Tensor:
+        def embed_keys(conv: nn.Conv1d) -> torch.Tensor:  # (B, d, M)
             if pool_first:
                 return _project(pooled, conv)
-            full = _project(source, conv).unflatten(1, source.shape[2:])  # (B, *S', d)
-            return _window_max(full, kernel, first_axis=1).flatten(1, -2)
+            return max_pool(_project(source, conv).unflatten(2, source.shape[2:]), kernel, kernel).flatten(2)
 
         values = embed_keys(self.g)
         if self.mode == "gaussian":
-            queries, keys = x.flatten(2).mT, pooled.flatten(2).mT
+            queries, keys = x.flatten(2), pooled.flatten(2)
         elif self.mode == "concatenation":
             weight_theta, weight_phi = self.concat.weight[0].split(self.inner_channels)
             # a_i = w_θ·(W_θ x_i + b_θ) = (W_θᵀ w_θ)·x_i + w_θ·b_θ: θ itself is never materialised.
             folded = weight_theta @ self.theta.weight.flatten(1)
-            queries = torch.matmul(folded, x.flatten(2)) + weight_theta @ self.theta.bias  # (B, N)
-            keys = embed_keys(self.phi) @ weight_phi  # (B, M)
-            queries, keys = queries[..., None], keys[..., None]
+            queries = (torch.matmul(folded, x.flatten(2)) + weight_theta @ self.theta.bias)[:, None]  # (B, 1, N)
+            keys = torch.matmul(weight_phi, embed_keys(self.phi))[:, None]  # (B, 1, M)
         else:
             queries, keys = _project(x, self.theta), embed_keys(self.phi)
+        key_shape = self._key_shape(source.shape[2:])
         groups = self._time_groups(x.shape[2:])
-        queries = self._group(queries, x.shape[2:], groups)
-        keys = self._group(keys, key_shape, groups)
-        values = self._group(values, key_shape, groups)
+        queries = self._group(queries.mT, x.shape[2:], groups)
+        keys = self._group(keys.mT, key_shape, groups)
+        values = self._group(values.mT, key_shape, groups)
         if self.mode == "concatenation":
             queries, keys = queries[..., 0], keys[..., 0]
         return queries, keys, values
@@ -397,32 +398,13 @@ def _project_for_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
 
 
 def _project(features: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """A 1×1 convolution written position-major: (B, C_in, *S) -> (B, prod(S), C_out), contiguous.
+    """A 1×1 convolution as one batched GEMM: (B, C_in, *S) -> (B, C_out, prod(S)).
 
-    bmm reads the channel-major input through a transposed view, so nothing is copied and backward keeps a
-    view of the input rather than a new tensor.
+    Faster than the CPU's 1×1×1 ``conv3d`` and its backward, and the same numbers.
     """
     flat = features.flatten(2)  # (B, C_in, P)
-    weight = conv.weight.flatten(1).mT.expand(flat.shape[0], -1, -1)  # (B, C_in, C_out)
-    return torch.baddbmm(conv.bias, flat.mT, weight)  # (B, P, C_in) @ (B, C_in, C_out)
-
-
-def _window_max(features: torch.Tensor, kernel: tuple[int, ...], first_axis: int) -> torch.Tensor:
-    """Max pooling with kernel = stride and floor mode over the axes from ``first_axis`` on.
-
-    Written as a reshape and ``amax`` so that it pools the position-major (channel-last) outputs of φ and g
-    in place, without transposing them to the layout ``max_pool`` wants.
-    """
-    shape = list(features.shape[:first_axis])
-    crop = [slice(None)] * features.dim()
-    for offset, k in enumerate(kernel):
-        axis = first_axis + offset
-        size = features.shape[axis]
-        crop[axis] = slice(0, size - size % k)
-        shape += [size // k, k]
-    shape += list(features.shape[first_axis + len(kernel):])
-    windows = features[tuple(crop)].reshape(shape)
-    return windows.amax(dim=tuple(first_axis + 2 * i + 1 for i in range(len(kernel))))
+    weight = conv.weight.flatten(1).expand(flat.shape[0], -1, -1)  # (B, C_out, C_in)
+    return torch.baddbmm(conv.bias[:, None], weight, flat)
 
 
 def _position_index(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

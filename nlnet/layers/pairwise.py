@@ -6,12 +6,13 @@ without keeping it:
 * softmax modes (Gaussian, embedded Gaussian): ``scaled_dot_product_attention`` where its flash kernel applies,
   the explicit product where the affinity is small, and otherwise a query-chunked kernel that stores only the
   log-sum-exp per query and recomputes each chunk's weights in backward;
-* dot product: reassociation, θ (φᵀ g) / M, which is O(N·d²) instead of O(N·M·d);
+* dot product: reassociation, θ (φᵀ g) / M, which is O(N·d²) instead of O(N·M·d) (where that is cheaper);
 * concatenation: f_ij = ReLU(a_i + b_j) is non-zero exactly where b_j > -a_i, so after sorting b the sum over j
   is a suffix sum: y_i = (a_i · S_g[k_i] + S_bg[k_i]) / M with S the suffix sums of g and b·g and k_i found by
   binary search. O((N + M) log M) time, O((N + M)·d) memory, no N×M tensor at all.
 
-All functions take batched position-major tensors: queries (B, N, d), keys (B, M, d), values (B, M, dv).
+All functions take batched position-major tensors (views are fine): queries (B, N, d), keys (B, M, d),
+values (B, M, dv).
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     few_keys = on_cpu and keys <= v.shape[-1]
     wide_head = on_cpu and head_dim > FLASH_MAX_HEAD_DIM_CPU
     if head_dim == v.shape[-1] and not (few_keys or wide_head):
-        # (B, 1, N, d) · (B, 1, M, d) -> (B, 1, N, d): the flash kernel keeps only q, k, v, out and the lse.
-        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale)
+        # (B, 1, N, d) · (B, 1, M, d) -> (B, 1, N, d): the flash kernel keeps only q, k, v, out and the lse,
+        # and runs fastest on contiguous inputs.
+        q, k, v = (t.contiguous().unsqueeze(1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return out.squeeze(1)
     if few_keys or batch * queries * keys * q.element_size() <= EXPLICIT_AFFINITY_BYTES:
         return torch.bmm(softmax_weights(q, k, scale), v)
@@ -137,8 +140,16 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
 
 
 def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Σ_j (q_i·k_j) v_j / M by reassociation, q (kᵀ v) / M: (B, N, d), (B, M, d), (B, M, dv) -> (B, N, dv)."""
-    summary = torch.bmm(k.mT, v) / k.shape[1]  # (B, d, M) @ (B, M, dv) -> (B, d, dv)
+    """Σ_j (q_i·k_j) v_j / M: (B, N, d), (B, M, d), (B, M, dv) -> (B, N, dv).
+
+    Reassociated as q (kᵀ v) / M, O((N + M)·d·dv), unless the keys are so few that the N×M product is the
+    cheaper of the two (res4 of the video models: 196 keys, 512 channels); then that product is also smaller
+    than the output.
+    """
+    queries, keys = q.shape[1], k.shape[1]
+    if queries * keys * (q.shape[-1] + v.shape[-1]) <= (queries + keys) * q.shape[-1] * v.shape[-1]:
+        return torch.bmm(dot_product_weights(q, k), v)
+    summary = torch.bmm(k.mT, v) / keys  # (B, d, M) @ (B, M, dv) -> (B, d, dv)
     return torch.bmm(q, summary)
 
 

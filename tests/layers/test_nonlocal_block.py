@@ -317,3 +317,10 @@ def test_meta_device_for_shape_and_flop_counting():
     out = block(x)
     out.sum().backward()
     assert out.shape == x.shape and block.attention(x).shape == (2, 256, 64)
+
+
+@pytest.mark.parametrize("keys", (2, 12))  # few keys: the N×M product; many: reassociation
+def test_dot_product_kernel_on_both_paths(keys):
+    q, k = torch.randn(2, 40, 8, dtype=torch.float64), torch.randn(2, keys, 8, dtype=torch.float64)
+    v = torch.randn(2, keys, 8, dtype=torch.float64)
+    torch.testing.assert_close(pairwise.dot_product_attention(q, k, v), (q @ k.mT / keys) @ v)
