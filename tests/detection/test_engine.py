@@ -236,3 +236,19 @@ def test_every_detection_recipe_loads() -> None:
     for recipe in recipes:
         cfg = engine.load_config(recipe)
         assert cfg.data.task == ("keypoints" if "keypoint" in cfg.model.name else "instances")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_evaluate(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "nlnet", "detect", "train", *_tiny(tmp_path, "ddp", 2), "data.shapes_val_images=3"]
+    subprocess.run(command, check=True, env=env, timeout=600, capture_output=True)
+    result = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert result["num_images"] == 3  # the two processes' shards of the val set, gathered
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if r["event"] == "train"] == [1, 2]
