@@ -28,16 +28,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nlnet.data.builtin import SHAPES, BuiltinConfig, generate_clips, write_builtin
+from nlnet.data.builtin import SHAPES, BuiltinConfig, generate_clips, load_scenes, write_builtin
 from nlnet.data.transforms import KINETICS_MEAN, KINETICS_STD
 from nlnet.data.video import decode_frames
 from nlnet.models import create
 
 
 def load_split(args: argparse.Namespace, split: str, count: int, config: BuiltinConfig) -> tuple[torch.Tensor, ...]:
-    """(clips (N, T, H, W, 3) uint8, labels (N,) int64) of one split."""
+    """(clips (N, T, H, W, 3) uint8, labels (N,) int64, objects on screen (N,) int64) of one split."""
     if args.source == "memory":
-        clips, labels, _ = generate_clips(count, seed=args.data_seed, split=split, config=config)
+        clips, labels, scenes = generate_clips(count, seed=args.data_seed, split=split, config=config)
     else:
         folder = write_builtin(
             args.cache, num_train=args.train_clips, num_test=args.test_clips, seed=args.data_seed, config=config
@@ -45,7 +45,9 @@ def load_split(args: argparse.Namespace, split: str, count: int, config: Builtin
         rows = (folder / f"{split}.csv").read_text().splitlines()[1:]
         clips = np.stack([decode_frames(folder / row.split(",")[0], np.arange)[0] for row in rows])
         labels = np.array([int(row.split(",")[1]) for row in rows], dtype=np.int64)
-    return torch.from_numpy(clips), torch.from_numpy(labels)
+        scenes = load_scenes(folder, split)
+    objects = torch.tensor([len(scene.objects) for scene in scenes])
+    return torch.from_numpy(clips), torch.from_numpy(labels), objects
 
 
 def normalise(clips: torch.Tensor) -> torch.Tensor:
@@ -68,19 +70,19 @@ def build(args: argparse.Namespace, with_nonlocal: bool) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def top1(model: torch.nn.Module, clips: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(model: torch.nn.Module, clips: torch.Tensor, labels: torch.Tensor, objects: torch.Tensor) -> dict:
+    """Top-1 overall ("all") and by the number of objects on screen (1, 2, ...)."""
     model.eval()
-    correct = 0
-    for start in range(0, len(labels), 256):
-        logits = model(normalise(clips[start : start + 256]))
-        correct += (logits.argmax(1) == labels[start : start + 256]).sum().item()
-    return correct / len(labels)
+    predictions = torch.cat([model(normalise(clips[i : i + 256])).argmax(1) for i in range(0, len(labels), 256)])
+    correct = (predictions == labels).float()
+    by_count = {int(k): correct[objects == k].mean().item() for k in objects.unique()}
+    return {"all": correct.mean().item(), **by_count}
 
 
 def train_once(args: argparse.Namespace, seed: int, with_nonlocal: bool, data: dict) -> dict:
     torch.manual_seed(seed)
     model = build(args, with_nonlocal)
-    clips, labels = data["train"]
+    clips, labels, _ = data["train"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(labels) / args.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -103,11 +105,11 @@ def train_once(args: argparse.Namespace, seed: int, with_nonlocal: bool, data: d
         if args.verbose:
             print(
                 f"  {'NL ' if with_nonlocal else 'C2D'} seed {seed} epoch {epoch + 1}: "
-                f"loss {total_loss / len(labels):.3f}, test top-1 {top1(model, *data['test']):.3f}",
+                f"loss {total_loss / len(labels):.3f}, test top-1 {accuracy(model, *data['test'])['all']:.3f}",
                 flush=True,
             )
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"top1": top1(model, *data["test"]), "wall": wall, "cpu": cpu}
+    return {"top1": accuracy(model, *data["test"]), "wall": wall, "cpu": cpu}
 
 
 def main() -> None:
@@ -146,20 +148,25 @@ def main() -> None:
             result = train_once(args, seed, with_nonlocal, data)
             results[name].append(result)
             print(
-                f"{name} seed {seed}: top-1 {result['top1']:.3f} ({result['wall']:.0f} s wall, "
+                f"{name} seed {seed}: top-1 {result['top1']['all']:.3f} ({result['wall']:.0f} s wall, "
                 f"{result['cpu']:.0f} s CPU)",
                 flush=True,
             )
 
-    print(f"\n| model | top-1 (mean ± std over {args.seeds} seeds) | per seed | wall s / run | CPU s / run |")
-    print("|---|---|---|---|---|")
+    counts = sorted(key for key in results["C2D"][0]["top1"] if key != "all")
+    print(
+        f"\n| model | top-1 (mean ± std over {args.seeds} seeds) | per seed | "
+        + " | ".join(f"{k} object{'s' * (k > 1)}" for k in counts)
+        + " | wall s / run | CPU s / run |"
+    )
+    print("|---|---|---|" + "---|" * len(counts) + "---|---|")
     for name, runs in results.items():
-        accuracies = [100 * run["top1"] for run in runs]
-        spread = statistics.pstdev(accuracies)
+        accuracies = [100 * run["top1"]["all"] for run in runs]
+        by_count = [statistics.mean(100 * run["top1"][k] for run in runs) for k in counts]
         print(
-            f"| {name} | {statistics.mean(accuracies):.1f} ± {spread:.1f} | "
-            f"{', '.join(f'{a:.1f}' for a in accuracies)} | {statistics.median(r['wall'] for r in runs):.0f} | "
-            f"{statistics.median(r['cpu'] for r in runs):.0f} |"
+            f"| {name} | {statistics.mean(accuracies):.1f} ± {statistics.pstdev(accuracies):.1f} | "
+            f"{', '.join(f'{a:.1f}' for a in accuracies)} | " + " | ".join(f"{a:.1f}" for a in by_count) + " | "
+            f"{statistics.median(r['wall'] for r in runs):.0f} | {statistics.median(r['cpu'] for r in runs):.0f} |"
         )
 
 
