@@ -171,10 +171,10 @@ def test_imagenet_backbone_loads_into_the_nonlocal_variant() -> None:
 
 
 def test_frozen_backbone_bn_keeps_a_trainable_block_bn() -> None:
-    model = detection.create("maskrcnn_r50_fpn", num_classes=3, frozen_bn=True, **SMALL)
+    model = detection.create("maskrcnn_r50_fpn", num_classes=3, frozen_bn=True, trainable_backbone_layers=1)
     body = model.backbone.body
     assert isinstance(body.layer3[0].bn1, FrozenBatchNorm2d)
-    assert not body.layer1[0].conv1.weight.requires_grad  # torchvision's default: 3 trainable stages
+    assert not body.layer3[0].conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
     block = detection.nonlocal_blocks(model)["backbone.body.layer3.nonlocal_after_4"]
     assert isinstance(block.norm, nn.BatchNorm2d)
     assert all(p.requires_grad for p in block.parameters())
