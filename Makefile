@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) benchmarks/block.py --quick
+	$(VENV)/bin/nlnet demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nlnet tests benchmarks

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
         # Any other keyword argument of nlnet.models.create (e.g. nonlocal_norm: null, stage_blocks).
         "overrides": {},
     },
-    # Passed to nlnet.data.build_dataset unchanged.
+    # Passed to nlnet.data.build_dataset unchanged, except format "builtin" (see nlnet.engine.builtin).
     "data": {
         "format": "kinetics_csv",
         "root": "data/kinetics",
@@ -65,12 +65,22 @@ DEFAULTS: dict[str, Any] = {
         "val_mode": "center",
         # Class names in index order; null: the sorted names found in the training annotations.
         "class_names": None,
+        # format "builtin": the generated set (nlnet.data.builtin.write_builtin) is made or found in the
+        # cache folder (null: nlnet.data.builtin.default_cache_dir()) and fills in root, the lists,
+        # num_classes and class_names.
+        "builtin": {"num_train": 8000, "num_test": 1000, "seed": 0, "cache_dir": None},
     },
     "train": {
         # Global batch (all processes together); each process takes batch_size / world_size clips.
         "batch_size": 64,
         "max_iter": 400000,
         "base_lr": 0.01,
+        # "sgd" (the paper: momentum, nesterov, coupled L2) or "adamw" (decoupled weight decay).
+        "optimizer": "sgd",
+        # "steps" (the paper's steps_with_relative_lrs below) or "onecycle" (warm-up over warmup_fraction of
+        # max_iter to base_lr, then cosine annealing).
+        "schedule": "steps",
+        "warmup_fraction": 0.15,
         # steps_with_relative_lrs: from iteration steps[i] on, lr = base_lr * lrs[i].
         "steps": [0, 150000, 300000],
         "lrs": [1.0, 0.1, 0.01],
@@ -196,6 +206,12 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
         raise ValueError(f"train.steps must start at 0 and increase strictly, got {steps}")
+    if train.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {train.optimizer!r}")
+    if train.schedule not in ("steps", "onecycle"):
+        raise ValueError(f"train.schedule must be 'steps' or 'onecycle', got {train.schedule!r}")
+    if not 0.0 < float(train.warmup_fraction) < 1.0:
+        raise ValueError(f"train.warmup_fraction must be in (0, 1), got {train.warmup_fraction}")
     if train.amp not in (None, "bf16", "fp16"):
         raise ValueError(f"train.amp must be null, 'bf16' or 'fp16', got {train.amp!r}")
     for key in ("checkpoint_period", "eval_period", "log_period", "precise_bn_batches", "keep_checkpoints"):

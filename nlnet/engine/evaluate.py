@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score
 from torch import nn
 
-from nlnet.engine.config import complete_config
+from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.distributed import DistContext, all_gather_objects, cleanup_distributed, setup_distributed
 from nlnet.engine.sampler import ResumableSampler
 
@@ -252,7 +252,7 @@ def test(
     """
     from nlnet.engine.train import build_model, load_model_weights
 
-    cfg = complete_config(cfg)
+    cfg = resolve_builtin(cfg)
     ctx = setup_distributed(device)
     try:
         model_cfg = cfg.model.copy()

@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.checkpoint import (
     checkpoint_path,
     get_rng_state,
@@ -41,7 +42,6 @@ from nlnet.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from nlnet.engine.config import complete_config
 from nlnet.engine.distributed import (
     DistContext,
     all_gather_objects,
@@ -254,8 +254,16 @@ class _Run:
             nesterov=bool(train_cfg.nesterov),
             weight_decay=float(train_cfg.weight_decay),
             weight_decay_bn=float(train_cfg.weight_decay_bn),
+            name=str(train_cfg.optimizer),
         )
-        self.scheduler = build_scheduler(self.optimizer, train_cfg.steps, train_cfg.lrs)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            train_cfg.steps,
+            train_cfg.lrs,
+            kind=str(train_cfg.schedule),
+            max_iter=int(train_cfg.max_iter),
+            warmup_fraction=float(train_cfg.warmup_fraction),
+        )
         amp = train_cfg.amp
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16")
@@ -527,7 +535,7 @@ def train(
         {"iteration", "checkpoint" (final file), "metrics" (last validation, may be empty),
         "skipped" (names of unreadable videos)}.
     """
-    cfg = complete_config(cfg)
+    cfg = resolve_builtin(cfg)
     ctx = setup_distributed(device)
     try:
         out = Path(cfg.output_dir)

@@ -81,3 +81,39 @@ def test_steps_with_relative_lrs():
         RelativeStepSchedule([5, 10], [1, 0.1])
     with pytest.raises(ValueError, match="same non-zero length"):
         RelativeStepSchedule([0, 10], [1])
+
+
+def test_adamw_keeps_the_bn_exemption_and_decouples_decay():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    optimizer = build_optimizer(model, base_lr=0.1, weight_decay=0.5, weight_decay_bn=0.0, name="adamw")
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert {g["name"]: g["weight_decay"] for g in optimizer.param_groups} == {"decay": 0.5, "bn": 0.0}
+    # With zero gradients Adam's update is 0, so the only change is the decoupled decay p <- p (1 - lr wd).
+    before = model[0].weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    torch.testing.assert_close(model[0].weight.detach(), before * (1 - 0.1 * 0.5))
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        build_optimizer(model, base_lr=0.1, name="adam")
+
+
+def test_onecycle_warms_up_then_anneals_to_near_zero():
+    model = nn.Linear(2, 2)
+    optimizer = build_optimizer(model, base_lr=0.01, name="adamw")
+    scheduler = build_scheduler(optimizer, [0], [1.0], kind="onecycle", max_iter=100, warmup_fraction=0.2)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = max(range(100), key=lrs.__getitem__)
+    assert lrs[0] == pytest.approx(0.01 / 25)
+    assert abs(peak - 0.2 * 99) <= 1 and lrs[peak] == pytest.approx(0.01, rel=1e-3)
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1], strict=True))
+    assert all(a >= b for a, b in zip(lrs[peak:-1], lrs[peak + 1 :], strict=True))
+    assert lrs[-1] < 0.01 * 1e-3
+    with pytest.raises(ValueError, match="max_iter"):
+        build_scheduler(optimizer, [0], [1.0], kind="onecycle")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        build_scheduler(optimizer, [0], [1.0], kind="cosine", max_iter=10)
