@@ -757,6 +757,10 @@ def load_model(
         recipe = OmegaConf.merge(recipe, stored)
     if names:
         recipe = OmegaConf.merge(recipe, OmegaConf.from_dotlist(names))
+    if not detector and recipe.data.format == "builtin":
+        from nlnet.engine.builtin import resolve_builtin
+
+        recipe = resolve_builtin(recipe)  # the generated set's folder and lists, as training and testing see them
     weights = state.get("model", state) if state else None
     with torch.random.fork_rng():
         # An untrained model is drawn from the recipe's seed, so its figures can be made again.

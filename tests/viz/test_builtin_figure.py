@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from nlnet.cli import main
-from nlnet.data.builtin import SceneObject, write_builtin
-from nlnet.engine import load_config, save_checkpoint
-from nlnet.models import create
-from nlnet.viz import AttentionMap
+from nlnet.data.builtin import SceneObject
+from nlnet.engine import save_checkpoint
+from nlnet.viz import AttentionMap, load_model
 from nlnet.viz.attention import _builtin_to_shown, _covers_object
+
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "builtin_nl_c2d.yaml"
 
 
 def key_grid_map(span: tuple[float, float, float], grid: tuple[int, int, int], frames: int, size: int):
@@ -50,25 +51,20 @@ def test_keys_covering_the_target_object():
     assert _builtin_to_shown(32, 64, 48)(20.0) == pytest.approx(32.5)
 
 
-def test_builtin_command_on_a_small_written_set(tmp_path, capsys):
-    folder = write_builtin(tmp_path / "builtin", num_train=2, num_test=4)
-    overrides = [
-        "model.name=nl_c2d_r50", "model.overrides.base_width=8", "model.overrides.stage_blocks=[1,2,2,1]",
-        "model.overrides.clip=8x8", "data.format=path_csv", f"data.root={folder}",
-        f"data.train_list={folder / 'train.csv'}", f"data.val_list={folder / 'test.csv'}",
-        f"data.test_list={folder / 'test.csv'}", "data.num_classes=4", "data.num_frames=8",
-        "data.sampling_rate=1", "data.test_scale=32", "data.test_crop=32",
-    ]
-    cfg = load_config(None, overrides)
-    torch.manual_seed(0)
-    model = create("nl_c2d_r50", num_classes=4, **OmegaConf.to_container(cfg.model.overrides))
-    checkpoint = tmp_path / "builtin.pt"
-    save_checkpoint(checkpoint, {"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)})
+def test_builtin_command_on_a_small_set_with_the_builtin_recipe(tmp_path, capsys):
+    # The make-run recipe (tiny C2D, one non-local block in res4) on a 2 + 4 clip set. The checkpoint holds
+    # weights only, so the recipe comes from --config with data.format: builtin, which is resolved into the
+    # generated folder as training and testing resolve it.
+    overrides = ["data.builtin.num_train=2", "data.builtin.num_test=4", f"data.builtin.cache_dir={tmp_path}"]
+    model, recipe = load_model(None, config=RECIPE, overrides=overrides)
+    assert recipe.data.format == "path_csv" and (Path(recipe.data.root) / "scenes_test.jsonl").is_file()
+    checkpoint = tmp_path / "weights.pt"
+    save_checkpoint(checkpoint, {"model": model.state_dict()})
     png = tmp_path / "builtin.png"
-    assert main(["visualize", "--checkpoint", str(checkpoint), "--builtin", "--block", "res3.1.nonlocal_block",
-                 "--out", str(png)]) == 0
+    assert main(["visualize", "--checkpoint", str(checkpoint), "--config", str(RECIPE), "--builtin",
+                 "--out", str(png), *overrides]) == 0
     printed = capsys.readouterr().out
-    assert "over 4 test clips" in printed and "a random key" in printed
+    assert "res4.0.nonlocal_block: over 4 test clips" in printed and "a random key" in printed
     with Image.open(png) as image:
-        # res3 of this model keeps 4 of the 8 frames (2 frames a key slice): 4 panels of 240 x 240 + title.
+        # res4 of this model keeps 4 of the 8 frames (2 frames a key slice): 4 panels of 240 x 240 + title.
         assert image.size == (4 * 240, 240 + 40)
