@@ -309,9 +309,10 @@ def _cmd_visualize(subparsers: argparse._SubParsersAction) -> None:
             print(
                 f"{report.block}: over {report.clips} test clips, the top key of a query at the cue lies on the "
                 f"object the label depends on in {report.on_target:.1%} (a random key: {report.chance:.1%}); "
-                f"accuracy {report.accuracy:.1%}"
+                f"on the {report.multi_object_clips} clips with several objects {report.on_target_multi:.1%} "
+                f"(random: {report.chance_multi:.1%}); accuracy {report.accuracy:.1%}"
             )
-            print(f"wrote {args.out} (test clip {report.figure_index})")
+            print(f"wrote {args.out} (test clip {report.figure_index}, {report.figure_objects} objects)")
             return 0
         query = None
         if args.query is not None:

@@ -972,8 +972,12 @@ class BuiltinAttentionReport:
         chance: the same fraction for a key drawn uniformly from the key grid (the mean share of keys that
             cover the matching object).
         accuracy: the model's top-1 accuracy on those clips (one centre view).
-        figure_index: the test clip drawn, the first that is classified correctly with its top key on target
-            (else the first clip).
+        multi_object_clips: clips with more than one object (where the cue must pick one among others).
+        on_target_multi: ``on_target`` over those clips (NaN without any).
+        chance_multi: ``chance`` over those clips.
+        figure_index: the test clip drawn: among the clips classified correctly with the top key on target,
+            the first with the most objects (else the first clip).
+        figure_objects: objects in that clip.
     """
 
     block: str
@@ -981,7 +985,11 @@ class BuiltinAttentionReport:
     on_target: float
     chance: float
     accuracy: float
+    multi_object_clips: int
+    on_target_multi: float
+    chance_multi: float
     figure_index: int
+    figure_objects: int
 
 
 def builtin_attention_figure(
@@ -999,8 +1007,9 @@ def builtin_attention_figure(
 
     For each test clip (up to ``max_clips``), the query is the centre of the colour cue in the middle frame of
     the cue phase; the label is the shape of the object that wears the cue's colour, shown only in the object
-    phase. The clip drawn is the first one the model classifies correctly and whose strongest key covers that
-    object; the report says how often that happens and how often a uniformly random key would.
+    phase. The clip drawn is one the model classifies correctly and whose strongest key covers that object,
+    with the most distractor objects; the report says how often the top key is on target, overall and on the
+    clips with several objects, and how often a uniformly random key would be.
 
     Args:
         checkpoint: a checkpoint trained on the built-in set; its recipe's ``data.root`` is the folder that
@@ -1029,8 +1038,9 @@ def builtin_attention_figure(
     generator = BuiltinConfig(**json.loads((folder / "settings.json").read_text())["config"])
     records = build_dataset(recipe.data, "test").records[:max_clips]
     scenes = load_scenes(folder, "test")[: len(records)]
-    hits, chance, correct, chosen, name = 0, 0.0, 0, None, block
-    first = None
+    name = block
+    hits, chance, correct, objects = [], [], [], []
+    best, first = None, None
     crop = int(recipe.data.test_crop)
     to_shown = _builtin_to_shown(generator.size, int(recipe.data.test_scale), crop)
     cue_frame = generator.cue_frames // 2
@@ -1042,23 +1052,31 @@ def builtin_attention_figure(
         name = amap.block
         target = next(obj for obj in scene.objects if obj.colour == scene.cue_colour)
         covers = _covers_object(amap, target, generator.cue_frames, to_shown)
-        hit = bool(covers.ravel()[int(amap.weights.argmax())])
         with torch.no_grad():
             predicted = int(model(inputs[None].to(next(model.parameters()).device)).argmax())
-        right = predicted == record.labels[0]
-        hits += hit
-        chance += float(covers.mean())
-        correct += right
+        hits.append(bool(covers.ravel()[int(amap.weights.argmax())]))
+        chance.append(float(covers.mean()))
+        correct.append(predicted == record.labels[0])
+        objects.append(len(scene.objects))
         if first is None:
-            first = (amap, frames)
-        if chosen is None and hit and right:
-            chosen = (index, amap, frames)
-    figure_index, amap, frames = chosen if chosen is not None else (0, *first)
+            first = (index, amap, frames)
+        # The clip drawn: right and on target, with as many distractor objects as any such clip has.
+        if hits[-1] and correct[-1] and (best is None or objects[-1] > objects[best[0]]):
+            best = (index, amap, frames)
+    figure_index, amap, frames = best if best is not None else first
     save_attention(amap, frames, out, style=style, top_k=top_k)
-    count = len(records)
+    multi = [i for i, count in enumerate(objects) if count > 1]
     return BuiltinAttentionReport(
-        block=name, clips=count, on_target=hits / count, chance=chance / count, accuracy=correct / count,
+        block=name,
+        clips=len(records),
+        on_target=float(np.mean(hits)),
+        chance=float(np.mean(chance)),
+        accuracy=float(np.mean(correct)),
+        multi_object_clips=len(multi),
+        on_target_multi=float(np.mean([hits[i] for i in multi])) if multi else float("nan"),
+        chance_multi=float(np.mean([chance[i] for i in multi])) if multi else float("nan"),
         figure_index=figure_index,
+        figure_objects=objects[figure_index],
     )
 
 
