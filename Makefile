@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,bench]"
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -23,7 +23,6 @@ test-all: lint
 	$(PY) -m pytest -q -m ""
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) benchmarks/block.py
 
 clean:
