@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--warmup", type=float, default=0.15, help="fraction of steps of the one-cycle ramp")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="number of training seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
     parser.add_argument("--verbose", action="store_true", help="test top-1 after every epoch")
     args = parser.parse_args()
 
@@ -143,7 +144,7 @@ def main() -> None:
     print(f"data ({args.source}): {time.perf_counter() - start:.1f} s, {torch.get_num_threads()} threads", flush=True)
 
     results: dict[str, list[dict]] = {"C2D": [], "C2D + NL": []}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name, with_nonlocal in (("C2D", False), ("C2D + NL", True)):
             result = train_once(args, seed, with_nonlocal, data)
             results[name].append(result)
