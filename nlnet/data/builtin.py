@@ -9,11 +9,12 @@ Why a C2D baseline cannot solve it: every convolution of C2D is 1 x k x k and it
 stride 2) never joins a cue frame with an object frame when ``cue_frames`` is even, so until the global average
 pool the network sees the cue and the objects separately, and its linear classifier adds a score of the cue
 phase to a score of the object phase. No such sum is right on all four clips of a quartet (two objects, their
-colours swapped, under either cue colour): the four inequalities it would need add up to a contradiction. What
-the baseline does learn is to recognise the shapes and guess among those on screen: right with one object,
-1/k of the time with k, 52 % on average when k is uniform in 1..4. A non-local block lets a position of the cue
-phase attend to the object of the same colour and carry its shape back: the relation is between things far
-apart in time and, as the cue covers the view, anywhere in space.
+colours swapped, under either cue colour): the four inequalities it would need add up to a contradiction, so
+with two objects it is wrong at least a quarter of the time. In practice the baseline learns to recognise the
+shapes and does little better than guessing among those on screen: right with one object, 1/k of the time with
+k (52 % on average when k is uniform in 1..4). A non-local block lets a position of the cue phase attend to the
+object of the same colour and carry its shape back: the relation is between things far apart in time and, as
+the cue covers the view, anywhere in space.
 
 Why clips with a single object are kept (``min_objects = 1``): they are where both networks learn what the
 shapes look like and how the classifier reads them; with two or more objects in every clip neither network
