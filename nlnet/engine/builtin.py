@@ -354,8 +354,9 @@ def ablate(
     header = (
         f"Table 2 in miniature on the built-in set ({base.data.builtin.num_train} training clips, "
         f"{base.data.builtin.num_test} held-out test videos, {base.data.test_clips} clip(s) x "
-        f"{base.data.test_crops} crop(s) per video): each network is {base.model.name} with one residual block "
-        f"per stage and width {base.model.overrides.get('base_width')}, trained {base.train.max_iter} iterations "
+        f"{base.data.test_crops} crop(s) per video). The base network is {base.model.name} with one residual "
+        f"block per stage, width {base.model.overrides.get('base_width')} and one non-local block in res4; each "
+        f"line changes only what it names. Every network is trained {base.train.max_iter} iterations "
         f"of {base.train.batch_size} clips ({base.train.optimizer}, {base.train.schedule}, lr "
         f"{base.train.base_lr}); seeds {list(range(seeds))}. Paper: Kinetics-400 validation top-1."
     )
