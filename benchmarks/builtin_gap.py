@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8, help="base_width of the C2D")
     parser.add_argument("--stage", default="res4", help="stage whose block the non-local block follows")
     parser.add_argument("--mode", default="embedded_gaussian", help="non-local instantiation")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
