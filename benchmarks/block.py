@@ -479,7 +479,7 @@ def not_expressible(results: list[Result]) -> list[str]:
 def report(headers: list[str], results: list[Result]) -> str:
     """The markdown report: run headers, table, peers' gaps, target verdicts."""
     return "\n".join([
-        *headers,
+        "\n\n".join(headers),
         "",
         table(results),
         "",
