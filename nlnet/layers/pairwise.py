@@ -26,7 +26,7 @@ import torch.nn.functional as F
 # switch to the chunked kernel; below it the explicit product is the fastest exact path on CPU.
 EXPLICIT_AFFINITY_BYTES = 64 * 2**20
 # Query rows per chunk in the chunked kernel: the transient working set is chunk · M floats.
-CHUNK_QUERIES = 1024
+CHUNK_QUERIES = 2048
 # The CPU flash kernel is slower than a plain GEMM for heads wider than this.
 FLASH_MAX_HEAD_DIM_CPU = 512
 
@@ -112,9 +112,9 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
         lse = q.new_empty(q.shape[0], q.shape[1])
         for start in range(0, q.shape[1], CHUNK_QUERIES):
             rows = slice(start, start + CHUNK_QUERIES)
-            logits = torch.bmm(q[:, rows], k.mT) * scale  # (B, n, d) @ (B, d, M) -> (B, n, M)
+            logits = torch.baddbmm(lse.new_zeros(()), q[:, rows], k.mT, beta=0, alpha=scale)  # (B, n, M)
             lse[:, rows] = torch.logsumexp(logits, dim=-1)
-            torch.bmm(torch.exp(logits - lse[:, rows, None]), v, out=out[:, rows])
+            torch.bmm(logits.sub_(lse[:, rows, None]).exp_(), v, out=out[:, rows])
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out
@@ -131,9 +131,10 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
         grad_v = torch.zeros_like(v)
         for start in range(0, q.shape[1], CHUNK_QUERIES):
             rows = slice(start, start + CHUNK_QUERIES)
-            weights = torch.exp(torch.bmm(q[:, rows], k.mT) * scale - lse[:, rows, None])
+            # p = exp(scale · q kᵀ - lse), the scale and the subtraction folded into the GEMM.
+            weights = torch.baddbmm(-lse[:, rows, None], q[:, rows], k.mT, alpha=scale).exp_()
             grad_v.baddbmm_(weights.mT, grad_out[:, rows])
-            grad_logits = weights * (torch.bmm(grad_out[:, rows], v.mT) - delta[:, rows, None]) * scale
+            grad_logits = torch.bmm(grad_out[:, rows], v.mT).sub_(delta[:, rows, None]).mul_(weights).mul_(scale)
             torch.bmm(grad_logits, k, out=grad_q[:, rows])
             grad_k.baddbmm_(grad_logits.mT, q[:, rows])
         return grad_q, grad_k, grad_v, None
