@@ -193,7 +193,7 @@ class NonLocalBlock(nn.Module):
         """
         source = self._check_inputs(x, memory)
         queries, keys, _ = self._embed(x, source)
-        dtype = _stats_dtype(queries)
+        dtype = torch.promote_types(queries.dtype, torch.float32)  # float64 stays float64
         weights = self._weights(queries.to(dtype), keys.to(dtype))  # (B·G, n, m)
         query_shape = x.shape[2:]
         key_shape = self._key_shape(source.shape[2:])
@@ -386,10 +386,6 @@ class _ProjectBatchNorm(torch.autograd.Function):
         grad_weight = torch.bmm(grad_projected, y).sum(0).to(weight.dtype)  # (B, C, N) @ (B, N, d)
         grad_y = torch.bmm(grad_projected.mT, weight.to(y.dtype).expand(y.shape[0], -1, -1))
         return grad_y, grad_weight, grad_bias, grad_gamma, grad_beta, None, None, None, None
-
-
-def _stats_dtype(y: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(y.dtype, torch.float32)
 
 
 def _project_for_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
