@@ -314,11 +314,6 @@ def build_model(model_cfg: DictConfig, dataset: CocoDetection) -> nn.Module:
     return model
 
 
-def _sigmas(cfg: DictConfig) -> list[float] | None:
-    sigmas = cfg.data.kpt_oks_sigmas
-    return None if sigmas is None else [float(s) for s in sigmas]
-
-
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a file: a bare ``state_dict()`` or an nlnet detection checkpoint's ``model``."""
     state = load_checkpoint(path)
@@ -517,6 +512,22 @@ def evaluate(
     return {"metrics": metrics, "num_images": len(all_ids), "unreadable": sorted(all_unreadable)}
 
 
+def _evaluate_recipe(
+    model: nn.Module, val_set: CocoDetection, cfg: DictConfig, ctx: DistContext, out: Path
+) -> dict[str, Any]:
+    """`evaluate` with the recipe's test batch size, loader workers and keypoint OKS sigmas."""
+    sigmas = cfg.data.kpt_oks_sigmas
+    return evaluate(
+        model,
+        val_set,
+        ctx=ctx,
+        batch_size=int(cfg.test.batch_size),
+        num_workers=int(cfg.test.num_workers),
+        output_dir=out,
+        kpt_oks_sigmas=None if sigmas is None else [float(s) for s in sigmas],
+    )
+
+
 def evaluate_checkpoint(
     cfg: DictConfig,
     checkpoint: str | Path,
@@ -548,15 +559,7 @@ def evaluate_checkpoint(
             logger.info("%s has no non-local blocks; they stay the identity", checkpoint)
         model.to(ctx.device)
         out = Path(output_dir if output_dir is not None else cfg.output_dir)
-        result = evaluate(
-            model,
-            val_set,
-            ctx=ctx,
-            batch_size=int(cfg.test.batch_size),
-            num_workers=int(cfg.test.num_workers),
-            output_dir=out,
-            kpt_oks_sigmas=_sigmas(cfg),
-        )
+        result = _evaluate_recipe(model, val_set, cfg, ctx, out)
         if ctx.is_main:
             record = {"checkpoint": str(checkpoint), **result}
             (out / "results.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
@@ -784,15 +787,7 @@ def _train(cfg: DictConfig, ctx: DistContext, resume_from: Path | None) -> dict[
             save()
         metrics: dict[str, Any] = {}
         if train_cfg.eval_at_end:
-            result = evaluate(
-                model,
-                val_set,
-                ctx=ctx,
-                batch_size=int(cfg.test.batch_size),
-                num_workers=int(cfg.test.num_workers),
-                output_dir=out,
-                kpt_oks_sigmas=_sigmas(cfg),
-            )
+            result = _evaluate_recipe(model, val_set, cfg, ctx, out)
             metrics = result["metrics"]
             if jsonl is not None:
                 jsonl.write(json.dumps({"event": "val", "iter": iteration, **metrics}) + "\n")
