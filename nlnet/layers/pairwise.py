@@ -137,9 +137,10 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
             # p = exp(scale · q kᵀ - lse), the scale and the subtraction folded into the GEMM.
             weights = _exp_(torch.baddbmm(-lse[:, rows, None], q[:, rows], k.mT, alpha=scale))
             grad_v.baddbmm_(weights.mT, grad_out[:, rows])
-            grad_logits = torch.bmm(grad_out[:, rows], v.mT).sub_(delta[:, rows, None]).mul_(weights).mul_(scale)
-            torch.bmm(grad_logits, k, out=grad_q[:, rows])
-            grad_k.baddbmm_(grad_logits.mT, q[:, rows])
+            # dL/dlogits / scale: the scale goes into the two GEMMs below instead of a pass over the chunk.
+            grad_logits = torch.bmm(grad_out[:, rows], v.mT).sub_(delta[:, rows, None]).mul_(weights)
+            torch.baddbmm(grad_q[:, rows], grad_logits, k, beta=0, alpha=scale, out=grad_q[:, rows])
+            grad_k.baddbmm_(grad_logits.mT, q[:, rows], alpha=scale)
         return grad_q, grad_k, grad_v, None
 
 
