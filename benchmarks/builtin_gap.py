@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="number of training seeds")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
     parser.add_argument("--verbose", action="store_true", help="test top-1 after every epoch")
+    parser.add_argument("--models", choices=("both", "c2d", "nl"), default="both", help="networks to train")
     args = parser.parse_args()
 
     config = BuiltinConfig(size=args.size, min_objects=args.min_objects, max_objects=args.max_objects)
@@ -143,9 +144,12 @@ def main() -> None:
     }
     print(f"data ({args.source}): {time.perf_counter() - start:.1f} s, {torch.get_num_threads()} threads", flush=True)
 
-    results: dict[str, list[dict]] = {"C2D": [], "C2D + NL": []}
+    networks = [("C2D", False), ("C2D + NL", True)]
+    if args.models != "both":
+        networks = [networks[args.models == "nl"]]
+    results: dict[str, list[dict]] = {name: [] for name, _ in networks}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        for name, with_nonlocal in (("C2D", False), ("C2D + NL", True)):
+        for name, with_nonlocal in networks:
             result = train_once(args, seed, with_nonlocal, data)
             results[name].append(result)
             print(
@@ -154,7 +158,7 @@ def main() -> None:
                 flush=True,
             )
 
-    counts = sorted(key for key in results["C2D"][0]["top1"] if key != "all")
+    counts = sorted(key for key in next(iter(results.values()))[0]["top1"] if key != "all")
     print(
         f"\n| model | top-1 (mean ± std over {args.seeds} seeds) | per seed | "
         + " | ".join(f"{k} object{'s' * (k > 1)}" for k in counts)
