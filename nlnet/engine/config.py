@@ -145,6 +145,28 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(merged, loaded)
 
 
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Sets each dotted ``key=value`` of ``overrides`` in ``cfg``, in place and in order.
+
+    A value replaces what was there, mappings included: ``model.overrides.nonlocal_blocks={res4: [0]}`` on a
+    recipe with ``{res3: [0]}`` gives ``{res4: [0]}``, not both. Values are parsed as YAML (``null``, numbers,
+    ``[1, 2]``, ``{a: 1}``). A key the schema does not have raises (struct mode), as in a YAML recipe.
+
+    Raises:
+        ValueError: an item is not ``key=value``.
+    """
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ValueError(f"override must look like key=value (e.g. train.max_iter=100), got {item!r}")
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value)
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
     """Loads a recipe: schema defaults, then the YAML file (and its ``_base_`` files), then overrides.
 
@@ -160,14 +182,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
         ValueError: an override is not ``key=value``, a key is not in the schema, or a value is invalid.
     """
     cfg = _schema()
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ValueError(f"override must look like key=value (e.g. train.max_iter=100), got {item!r}")
     try:
         if path is not None:
             cfg = OmegaConf.merge(cfg, _read_with_bases(Path(path)))
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        apply_overrides(cfg, overrides)
     except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise ValueError(f"invalid configuration ({path}): {err}") from err
     validate_config(cfg)

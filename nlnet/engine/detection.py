@@ -44,6 +44,7 @@ from nlnet.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from nlnet.engine.config import apply_overrides
 from nlnet.engine.distributed import (
     DistContext,
     all_gather_objects,
@@ -174,16 +175,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
     cfg = OmegaConf.create(DEFAULTS)
     OmegaConf.set_struct(cfg, True)
     OmegaConf.set_struct(cfg.model.overrides, False)
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ValueError(f"override must look like key=value (e.g. train.max_iter=100), got {item!r}")
     try:
         if path is not None:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"config file not found: {path}")
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        apply_overrides(cfg, overrides)
     except OmegaConfBaseException as err:
         raise ValueError(f"invalid detection configuration ({path}): {err}") from err
     _validate(cfg)

@@ -125,7 +125,8 @@ def resolve_nonlocal_positions(
     Args:
         spec: None or "0" (no blocks); "1" (one block right before the last block of res4); "5" or "10"
             (the paper's layouts, `NONLOCAL_LAYOUTS`); "res2".."res5" (one block right before the last block
-            of that stage, Table 2b); or an explicit {stage: [block indices]} with stage "res3" or 3.
+            of that stage, Table 2b); or an explicit {stage: [block indices]} with stage "res3" or 3. The
+            counts may also be ints (0, 1, 5, 10).
         depth: 50 or 101, picks the "5"/"10" layout.
         stage_blocks: blocks per stage res2..res5.
 
@@ -135,6 +136,8 @@ def resolve_nonlocal_positions(
     Raises:
         ValueError: on an unknown name, stage or an index outside the stage.
     """
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = str(spec)  # `nonlocal_blocks: 5` in YAML or on the command line is the "5" layout
     if spec is None or spec == "0":
         return {}
     blocks_of = dict(zip(STAGES, stage_blocks, strict=True))

@@ -747,6 +747,8 @@ def load_model(
     detector = state.get("format") == _DETECTION_FORMAT or (
         model_name is not None and model_name in detection_models.available()
     )
+    from nlnet.engine.config import apply_overrides
+
     names = list(overrides) + ([f"model.name={model_name}"] if model_name is not None else [])
     if detector:
         from nlnet.engine.detection import load_config
@@ -755,8 +757,7 @@ def load_model(
     recipe = load_config(config, []) if config is not None or stored is None else load_config(None, [])
     if stored is not None and config is None:
         recipe = OmegaConf.merge(recipe, stored)
-    if names:
-        recipe = OmegaConf.merge(recipe, OmegaConf.from_dotlist(names))
+    apply_overrides(recipe, names)
     if not detector and recipe.data.format == "builtin":
         from nlnet.engine.builtin import resolve_builtin
 

@@ -24,6 +24,17 @@ def test_defaults_and_overrides():
     assert cfg.train.nesterov is True and cfg.train.weight_decay_bn == 0.0
 
 
+def test_an_override_replaces_a_mapping_instead_of_merging_into_it():
+    recipe = "configs/builtin_nl_c2d.yaml"
+    assert dict(load_config(recipe).model.overrides.nonlocal_blocks) == {"res3": [0]}
+    cfg = load_config(recipe, ["model.overrides.nonlocal_blocks={res4: [0]}", "seed=2"])
+    assert OmegaConf.to_container(cfg.model.overrides.nonlocal_blocks) == {"res4": [0]} and cfg.seed == 2
+    cfg = load_config(recipe, ["model.overrides.nonlocal_blocks=null", "model.overrides.nonlocal_blocks=10"])
+    assert cfg.model.overrides.nonlocal_blocks == 10  # in order: the last one wins
+    with pytest.raises(ValueError, match="train.no_such_key"):
+        load_config(recipe, ["train.no_such_key=1"])
+
+
 def test_base_files_merge_in_order(tmp_path):
     (tmp_path / "a.yaml").write_text("train:\n  max_iter: 5\n  base_lr: 0.5\n")
     (tmp_path / "sub").mkdir()

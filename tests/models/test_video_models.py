@@ -127,6 +127,8 @@ def test_preset_nonlocal_positions(name: str, expected: list[str]) -> None:
         ("nl_i3d_r50", "0", []),
         ("nl_i3d_r50", None, []),
         ("i3d_r50", "5", R50_FIVE),
+        ("i3d_r50", 5, R50_FIVE),  # `nonlocal_blocks: 5` in YAML is an int
+        ("nl_i3d_r50", 0, []),
         ("c2d_r101", {3: [2, 0], "res5": [2]}, ["res3.0", "res3.2", "res5.2"]),
     ],
 )
