@@ -8,8 +8,9 @@ or features from elsewhere (``memory``, e.g. a long-term feature bank). Defaults
 all four 1×1 convolutions, BN after W_z with γ = 0 so the block starts as the identity.
 
 What is special here is how the block is computed: no N×M affinity is kept for backward (see ``pairwise``),
-projections are written straight into the position-major layout the kernels read, pooling saves no int64
-indices, and in training the BatchNorm after W_z recomputes its input from y instead of storing it.
+projections are written straight into the position-major layout the kernels read, φ and g of the pooled input
+are one GEMM that keeps neither the pooled map nor its int64 argmax (backward pools again), and in training the
+BatchNorm after W_z recomputes its input from y instead of storing it wherever that is cheap (at least C/2 keys).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _LAYOUT = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_MAX_UNPOOL = {1: F.max_unpool1d, 2: F.max_unpool2d, 3: F.max_unpool3d}
 
 
 class NonLocalBlock(nn.Module):
@@ -177,7 +179,12 @@ class NonLocalBlock(nn.Module):
             else:
                 y = pairwise.softmax_attention(queries, keys, values, self.scale_factor)
         y = self._ungroup(y, x.shape[2:])  # (B, N, d)
-        return x + self._project_out(y, x.shape)
+        # Recomputing W_z y in backward costs one C·d multiply-add per query; with at least C/2 keys the pairwise
+        # part costs more (M·d, twice), so the memory is bought cheaply. With fewer keys (res4: 196 keys, 1024
+        # channels) the recompute would be one of the block's largest costs, and W_z y is kept instead, except
+        # in concatenation mode, which is chosen for memory (its pairwise part keeps no N×M tensor at all).
+        few_keys = 2 * keys.shape[1] < self.in_channels
+        return x + self._project_out(y, x.shape, recompute=self.mode == "concatenation" or not few_keys)
 
     def attention(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
         """The normalised pairwise weights f(x_i, x̂_j) / C(x), computed literally.
@@ -256,27 +263,42 @@ class NonLocalBlock(nn.Module):
         and (B·G, m).
         """
         kernel = self.pool_kernel
-        max_pool = _MAX_POOL[self.dim]
+        lean = self.impl == "auto" and torch.is_grad_enabled()
+        if self.impl == "explicit":
+
+            def max_pool(features: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
+                return _MAX_POOL[self.dim](features, kernel, kernel)
+
+        else:
+            max_pool = _MaxPool.apply if lean else _window_max
         pool_first = kernel is None or self.pool_position == "before"
-        needs_pooled = kernel is not None and (pool_first or self.mode == "gaussian")
-        pooled = max_pool(source, kernel, kernel) if needs_pooled else source
+        gaussian = self.mode == "gaussian"
+        if lean and kernel is not None and pool_first and not gaussian:
+            # φ and g of the pooled source in one GEMM that keeps the source, not the pooled map and its
+            # int64 argmax (backward pools again): (B, 2d, M) -> two (B, d, M) views.
+            projected = _PoolProject.apply(source, kernel, self.phi.weight, self.phi.bias, self.g.weight, self.g.bias)
+            phi, values = projected.split(self.inner_channels, 1)
+        else:
+            needs_pooled = kernel is not None and (pool_first or gaussian)
+            pooled = max_pool(source, kernel) if needs_pooled else source
 
-        def embed_keys(conv: nn.Conv1d) -> torch.Tensor:  # (B, d, M)
-            if pool_first:
-                return _project(pooled, conv)
-            return max_pool(_project(source, conv).unflatten(2, source.shape[2:]), kernel, kernel).flatten(2)
+            def embed_keys(conv: nn.Conv1d) -> torch.Tensor:  # (B, d, M)
+                if pool_first:
+                    return _project(pooled, conv)
+                return max_pool(_project(source, conv).unflatten(2, source.shape[2:]), kernel).flatten(2)
 
-        values = embed_keys(self.g)
-        if self.mode == "gaussian":
+            values = embed_keys(self.g)
+            phi = None if gaussian else embed_keys(self.phi)
+        if gaussian:
             queries, keys = x.flatten(2), pooled.flatten(2)
         elif self.mode == "concatenation":
             weight_theta, weight_phi = self.concat.weight[0].split(self.inner_channels)
             # a_i = w_θ·(W_θ x_i + b_θ) = (W_θᵀ w_θ)·x_i + w_θ·b_θ: θ itself is never materialised.
             folded = weight_theta @ self.theta.weight.flatten(1)
             queries = (torch.matmul(folded, x.flatten(2)) + weight_theta @ self.theta.bias)[:, None]  # (B, 1, N)
-            keys = torch.matmul(weight_phi, embed_keys(self.phi))[:, None]  # (B, 1, M)
+            keys = torch.matmul(weight_phi, phi)[:, None]  # (B, 1, M)
         else:
-            queries, keys = _project(x, self.theta), embed_keys(self.phi)
+            queries, keys = _project(x, self.theta), phi
         key_shape = self._key_shape(source.shape[2:])
         groups = self._time_groups(x.shape[2:])
         queries = self._group(queries.mT, x.shape[2:], groups)
@@ -332,13 +354,13 @@ class NonLocalBlock(nn.Module):
             return pairwise.concatenation_weights(queries, keys)
         return pairwise.softmax_weights(queries, keys, self.scale_factor)
 
-    def _project_out(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """norm(W_z y): (B, N, d) -> (B, C, *S)."""
+    def _project_out(self, y: torch.Tensor, shape: torch.Size, recompute: bool = False) -> torch.Tensor:
+        """norm(W_z y): (B, N, d) -> (B, C, *S); ``recompute``: training BN keeps y, not W_z y."""
         batch = y.shape[0]
         weight = self.out.weight.flatten(1)
         norm = self.norm
         fused = (
-            self.impl == "auto" and norm is not None and norm.training and norm.track_running_stats
+            recompute and self.impl == "auto" and norm is not None and norm.training and norm.track_running_stats
             and type(norm) is _BATCH_NORM[self.dim]
         )
         if fused:
@@ -386,6 +408,96 @@ class _ProjectBatchNorm(torch.autograd.Function):
         grad_weight = torch.bmm(grad_projected, y).sum(0).to(weight.dtype)  # (B, C, N) @ (B, N, d)
         grad_y = torch.bmm(grad_projected.mT, weight.to(y.dtype).expand(y.shape[0], -1, -1))
         return grad_y, grad_weight, grad_bias, grad_gamma, grad_beta, None, None, None, None
+
+
+class _MaxPool(torch.autograd.Function):
+    """``max_pool(x, kernel, kernel)`` that keeps x for backward but not the int64 argmax indices (twice the
+    pooled map's bytes): backward finds the maxima again."""
+
+    @staticmethod
+    def forward(ctx, source, kernel):
+        ctx.save_for_backward(source)
+        ctx.kernel = kernel
+        return _window_max(source, kernel)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (source,) = ctx.saved_tensors
+        return _unpool_grad(source, ctx.kernel, grad_out), None
+
+
+def _window_max(source: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
+    """``max_pool(source, kernel, kernel)`` (windows not overlapping, remainders dropped) by strided slices,
+    one axis at a time: the same numbers, NaN included, several times faster on CPU than ``max_pool3d`` for the
+    block's 1×2×2 windows (whose kernel is not vectorised for small maps)."""
+    out = source
+    for axis in range(source.dim() - 1, 1, -1):
+        k = kernel[axis - 2]
+        if k > 1:
+            size = out.shape[axis] // k
+            windows = out.narrow(axis, 0, size * k).unflatten(axis, (size, k))
+            out = windows.select(axis + 1, 0)
+            for index in range(1, k):
+                out = torch.maximum(out, windows.select(axis + 1, index))
+    return out
+
+
+def _unpool_grad(
+    source: torch.Tensor, kernel: tuple[int, ...], grad_pooled: torch.Tensor, indices: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The gradient reaching ``source`` through ``max_pool(source, kernel, kernel)``: each window's to the
+    element ``max_pool``'s backward picks (its argmax ``indices``, found again when not given)."""
+    with torch.no_grad():
+        if indices is None:
+            _, indices = _MAX_POOL[len(kernel)](source, kernel, kernel, return_indices=True)
+        unpool = _MAX_UNPOOL[len(kernel)]
+        return unpool(grad_pooled.to(source.dtype), indices, kernel, kernel, output_size=source.shape[2:])
+
+
+class _PoolProject(torch.autograd.Function):
+    """[W_1; W_2; ...] · maxpool(x) + [b_1; b_2; ...], (B, C, *S) -> (B, Σ C_out, M), keeping only x.
+
+    One GEMM for several 1×1 convolutions of the same pooled input (φ and g). x is the block's input, kept by
+    its caller and by θ anyway; the pooled map and the int64 argmax indices that ``max_pool`` + convolutions
+    would keep are recomputed in backward by pooling x again.
+    """
+
+    @staticmethod
+    def forward(ctx, source, kernel, *weights_and_biases):
+        weight, bias = _stack_convs(weights_and_biases)
+        pooled = _window_max(source, kernel)
+        ctx.save_for_backward(source, *weights_and_biases)
+        ctx.kernel = kernel
+        return torch.baddbmm(bias[:, None], weight.expand(source.shape[0], -1, -1), pooled.flatten(2))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        source, *weights_and_biases = ctx.saved_tensors
+        kernel = ctx.kernel
+        dtype = grad_out.dtype  # the forward's GEMM dtype (lower under autocast)
+        with torch.no_grad(), pairwise.autocast_off(source):
+            pooled, indices = _MAX_POOL[len(kernel)](source, kernel, kernel, return_indices=True)
+            grad_weight = torch.bmm(grad_out, pooled.flatten(2).to(dtype).mT).sum(0)
+            grad_bias = grad_out.sum((0, 2))
+            grad_source = None
+            if ctx.needs_input_grad[0]:
+                weight = _stack_convs(weights_and_biases)[0].to(dtype)
+                grad_pooled = torch.bmm(weight.mT.expand(source.shape[0], -1, -1), grad_out)
+                grad_source = _unpool_grad(source, kernel, grad_pooled.view(pooled.shape), indices)
+        sizes = [w.shape[0] for w in weights_and_biases[::2]]
+        grads = []
+        for grad_w, grad_b, w, b in zip(
+            grad_weight.split(sizes), grad_bias.split(sizes), weights_and_biases[::2], weights_and_biases[1::2],
+            strict=True,
+        ):
+            grads += [grad_w.reshape(w.shape).to(w.dtype), grad_b.to(b.dtype)]
+        return grad_source, None, *grads
+
+
+def _stack_convs(weights_and_biases) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_1, b_1, W_2, b_2, ...) of 1×1 convolutions -> the stacked (Σ C_out, C_in) weight and its bias."""
+    weights, biases = weights_and_biases[::2], weights_and_biases[1::2]
+    return torch.cat([w.flatten(1) for w in weights]), torch.cat(biases)
 
 
 def _project_for_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

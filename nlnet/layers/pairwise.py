@@ -83,8 +83,9 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     batch, queries, head_dim = q.shape
     keys = k.shape[1]
     on_cpu = q.device.type == "cpu"
-    # With no more keys than value channels the affinity is no bigger than the output the block keeps anyway,
-    # and on CPU two GEMMs beat the flash kernel there (res4 of the video models: 196 keys, 512 channels).
+    # With no more keys than value channels (res4 of the video models: 196 keys, 512 channels) plain GEMMs
+    # beat the CPU flash kernel; the chunked kernel runs on them and recomputes the small affinity in backward
+    # (M·d per query) rather than keeping it.
     few_keys = on_cpu and keys <= v.shape[-1]
     wide_head = on_cpu and head_dim > FLASH_MAX_HEAD_DIM_CPU
     if head_dim == v.shape[-1] and not (few_keys or wide_head):
@@ -93,7 +94,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         q, k, v = (t.contiguous().unsqueeze(1) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return out.squeeze(1)
-    if few_keys or batch * queries * keys * q.element_size() <= EXPLICIT_AFFINITY_BYTES:
+    if not few_keys and batch * queries * keys * q.element_size() <= EXPLICIT_AFFINITY_BYTES:
         return torch.bmm(softmax_weights(q, k, scale), v)
     return _ChunkedSoftmaxAttention.apply(q, k, v, scale)
 
@@ -158,14 +159,30 @@ def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     """Σ_j (q_i·k_j) v_j / M: (B, N, d), (B, M, d), (B, M, dv) -> (B, N, dv).
 
     Reassociated as q (kᵀ v) / M, O((N + M)·d·dv), unless the keys are so few that the N×M product is the
-    cheaper of the two (res4 of the video models: 196 keys, 512 channels); then that product is also smaller
-    than the output.
+    cheaper of the two (res4 of the video models: 196 keys, 512 channels); that product is then recomputed in
+    backward instead of kept.
     """
     queries, keys = q.shape[1], k.shape[1]
     if queries * keys * (q.shape[-1] + v.shape[-1]) <= (queries + keys) * q.shape[-1] * v.shape[-1]:
-        return torch.bmm(dot_product_weights(q, k), v)
+        return _RecomputedProductAttention.apply(q, k, v)
     summary = torch.bmm(k.mT, v) / keys  # (B, d, M) @ (B, M, dv) -> (B, d, dv)
     return torch.bmm(q, summary)
+
+
+class _RecomputedProductAttention(torch.autograd.Function):
+    """(q kᵀ / M) v keeping q, k and v only; backward recomputes the (B, N, M) weights."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        return torch.bmm(dot_product_weights(q, k), v)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v = ctx.saved_tensors
+        grad_v = torch.bmm(dot_product_weights(q, k).mT, grad_out)
+        grad_weights = torch.bmm(grad_out, v.mT).div_(k.shape[1])
+        return torch.bmm(grad_weights, k), torch.bmm(grad_weights.mT, q), grad_v
 
 
 def concatenation_attention(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from nlnet import NonLocalBlock
 from nlnet.layers import pairwise
+from nlnet.utils import SavedTensorCounter
 
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 SHAPES = {1: (2, 6, 10), 2: (2, 6, 6, 8), 3: (2, 6, 4, 6, 4)}
@@ -185,15 +186,67 @@ def test_temporal_groups_attend_within_consecutive_frames():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_fast_paths(mode):
-    block = randomised(NonLocalBlock(4, 3, dim=2, mode=mode))
-    x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize(
+    ("dim", "size"),
+    [
+        (2, (4, 4)),  # 4 keys for 4 channels: BN recomputes W_z y in backward
+        (2, (2, 2)),  # 1 key: W_z y is kept; few keys: the recomputing softmax / product kernels
+        (1, (6,)),
+        (3, (2, 4, 4)),
+    ],
+)
+def test_gradcheck_fast_paths(mode, dim, size):
+    block = randomised(NonLocalBlock(4, 3, dim=dim, mode=mode))
+    x = torch.randn(2, 4, *size, dtype=torch.float64, requires_grad=True)
     names, params = zip(*block.named_parameters(), strict=True)
 
     def run(x, *flat):
         return torch.func.functional_call(block, dict(zip(names, flat, strict=True)), (x,))
 
     assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_gradcheck_recomputed_product_kernel():
+    q = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(pairwise._RecomputedProductAttention.apply, (q, k, v))
+    torch.testing.assert_close(pairwise._RecomputedProductAttention.apply(q, k, v), q @ k.mT @ v / 3)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_pooled_projection_keeps_only_its_input_and_matches_pool_then_project(dim):
+    from nlnet.layers.nonlocal_block import _MAX_POOL, _MaxPool, _PoolProject
+
+    kernel = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}[dim]
+    x = torch.randn(2, 5, *([5] * dim), dtype=torch.float64, requires_grad=True)  # odd sizes: floor, as max_pool
+    params = []
+    for out_channels in (3, 4):  # two 1×1 convolutions (φ and g) of the same pooled input
+        params += [torch.randn(out_channels, 5, *([1] * dim), dtype=torch.float64, requires_grad=True)]
+        params += [torch.randn(out_channels, dtype=torch.float64, requires_grad=True)]
+    pooled = _MAX_POOL[dim](x, kernel, kernel).flatten(2)
+    pairs = zip(params[::2], params[1::2], strict=True)
+    expected = torch.cat([w.flatten(1) @ pooled + b[:, None] for w, b in pairs], dim=1)
+    torch.testing.assert_close(_PoolProject.apply(x, kernel, *params), expected)
+    assert torch.autograd.gradcheck(lambda *t: _PoolProject.apply(t[0], kernel, *t[1:]), (x, *params))
+    with SavedTensorCounter(exclude=[x, *params]) as counter:
+        _PoolProject.apply(x, kernel, *params)
+        _MaxPool.apply(x, kernel)
+    assert counter.nbytes == 0
+
+
+def test_window_max_routes_ties_as_max_pool_does():
+    from nlnet.layers.nonlocal_block import _MAX_POOL, _MaxPool
+
+    # ReLU outputs tie at 0 all the time: the gradient must reach the window's first maximum, as max_pool's.
+    x = torch.randn(2, 3, 4, 6, 7, dtype=torch.float64).round().clamp_min(0).requires_grad_(True)
+    for kernel in [(1, 2, 2), (2, 2, 2), (2, 3, 1), (1, 1, 3)]:
+        reference = x.detach().clone().requires_grad_(True)
+        pooled = _MaxPool.apply(x, kernel)
+        expected = _MAX_POOL[3](reference, kernel, kernel)
+        assert torch.equal(pooled, expected)
+        grad = torch.randn_like(pooled)
+        assert torch.equal(torch.autograd.grad(pooled, x, grad)[0], torch.autograd.grad(expected, reference, grad)[0])
 
 
 def test_gradcheck_chunked_softmax_kernel(monkeypatch):

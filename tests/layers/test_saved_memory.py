@@ -63,16 +63,27 @@ def test_module_helper_excludes_parameters_and_inputs():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_block_saves_at_most_three_quarters_of_the_explicit_path(mode):
-    # NL-I3D res3 (C=512, 4×28×28, batch 2) scaled by 1/4 in channels and in positions: every saved tensor
-    # (N×C, M×C or N×M) shrinks by the same factor 16, so the ratio is the paper shape's ratio.
+@pytest.mark.parametrize(
+    ("channels", "size"),
+    [
+        # NL-I3D res3 (C=512, 4×28×28, batch 2) and res4 (C=1024, 4×14×14) scaled by 1/4 in channels and in
+        # positions (res4: 784 -> 196 = 1×14×14): every saved tensor (N×C, M×C or N×M) shrinks by the same
+        # factor 16, so the ratio is the paper shape's ratio. At res4 there are fewer keys than C/2, and the
+        # block keeps W_z y instead of recomputing it.
+        (128, (4, 14, 14)),
+        (256, (1, 14, 14)),
+    ],
+    ids=["res3", "res4"],
+)
+def test_block_saves_at_most_three_quarters_of_the_explicit_path(mode, channels, size):
     torch.manual_seed(0)
-    fast = NonLocalBlock(128, mode=mode).train()
-    explicit = NonLocalBlock(128, mode=mode, impl="explicit").train()
+    fast = NonLocalBlock(channels, mode=mode).train()
+    explicit = NonLocalBlock(channels, mode=mode, impl="explicit").train()
     explicit.load_state_dict(fast.state_dict())
-    x = torch.randn(2, 128, 4, 14, 14, requires_grad=True)
+    x = torch.randn(2, channels, *size, requires_grad=True)
     fast_bytes = saved_activation_bytes(fast, x)
     explicit_bytes = saved_activation_bytes(explicit, x)
     # The explicit path keeps at least its (B, N, M) weights: a sanity floor for the counter itself.
-    assert explicit_bytes >= 2 * (4 * 14 * 14) * (4 * 7 * 7) * 4
+    queries, keys = size[0] * size[1] * size[2], size[0] * (size[1] // 2) * (size[2] // 2)
+    assert explicit_bytes >= 2 * queries * keys * 4
     assert fast_bytes <= 0.75 * explicit_bytes, (mode, fast_bytes, explicit_bytes)
