@@ -144,9 +144,8 @@ def main() -> None:
     }
     print(f"data ({args.source}): {time.perf_counter() - start:.1f} s, {torch.get_num_threads()} threads", flush=True)
 
-    networks = [("C2D", False), ("C2D + NL", True)]
-    if args.models != "both":
-        networks = [networks[args.models == "nl"]]
+    chosen = {"both": ("c2d", "nl"), "c2d": ("c2d",), "nl": ("nl",)}[args.models]
+    networks = [net for key, net in (("c2d", ("C2D", False)), ("nl", ("C2D + NL", True))) if key in chosen]
     results: dict[str, list[dict]] = {name: [] for name, _ in networks}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name, with_nonlocal in networks:

@@ -265,10 +265,7 @@ class NonLocalBlock(nn.Module):
         kernel = self.pool_kernel
         lean = self.impl == "auto" and torch.is_grad_enabled()
         if self.impl == "explicit":
-
-            def max_pool(features: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
-                return _MAX_POOL[self.dim](features, kernel, kernel)
-
+            max_pool = _torch_max_pool
         else:
             max_pool = _MaxPool.apply if lean else _window_max
         pool_first = kernel is None or self.pool_position == "before"
@@ -424,6 +421,11 @@ class _MaxPool(torch.autograd.Function):
     def backward(ctx, grad_out):
         (source,) = ctx.saved_tensors
         return _unpool_grad(source, ctx.kernel, grad_out), None
+
+
+def _torch_max_pool(source: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
+    """``F.max_poolNd(source, kernel, kernel)``: the literal pooling of the explicit path."""
+    return _MAX_POOL[len(kernel)](source, kernel, kernel)
 
 
 def _window_max(source: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
