@@ -27,7 +27,8 @@ semantics (``_peers.nlnet_config``): rows ``nlnet≡mmcv`` / ``nlnet≡timm`` ar
 configuration; pytorchvideo's configuration is nlnet's reference one.
 
 float32, train mode, one torch thread by default (``--threads``), denormals flushed to zero (see
-``_set_up_process``).
+``_set_up_process``). ``--autocast bf16`` runs every forward (and the saved-bytes count) under CPU autocast to
+bfloat16 instead; the equality check stays in float32.
 
 Run ``python benchmarks/block.py`` (all shapes, modes and installed peers; long), ``--quick`` for a small
 subset in under a minute, or filter with ``--shapes``, ``--modes``, ``--impls``; ``--markdown FILE`` writes
@@ -95,6 +96,7 @@ SHAPES = {shape.name: shape for shape in (
     Shape("det_res4", "detection res4 (2-D)", 2, 1024, (64, 96), 2, "paper"),
     Shape("long_res3", "long-clip res3", 3, 512, (16, 28, 28), 1, "long"),
 )}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 QUICK = {"shapes": ["res4_b2"], "modes": ["embedded_gaussian"], "repeats": 3}
 
 # Output agreement required before timing: max |Δ| ≤ TOLERANCE · max |residual branch|. The unscaled Gaussian
@@ -160,8 +162,15 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or ("alloc" in text and "memory" in text)
 
 
-def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
-    module(x).backward(dy)
+def autocast_context(name: str | None) -> contextlib.AbstractContextManager:
+    """CPU autocast to ``AUTOCAST_DTYPES[name]``; ``None``: float32, no autocast."""
+    return contextlib.nullcontext() if name is None else torch.autocast("cpu", dtype=AUTOCAST_DTYPES[name])
+
+
+def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, options: dict) -> None:
+    with autocast_context(options.get("autocast")):
+        out = module(x)
+    out.backward(dy.to(out.dtype))
     module.zero_grad(set_to_none=True)
     x.grad = None
 
@@ -232,7 +241,7 @@ def check_and_measure_memory(case: Case, options: dict) -> Result:
                 return result
 
         excluded = [x, dy, *module.parameters(), *module.buffers()]
-        with SavedTensorCounter(exclude=excluded) as counter:
+        with SavedTensorCounter(exclude=excluded) as counter, autocast_context(options.get("autocast")):
             out = module(x)
         result.saved_bytes = counter.nbytes
         del out
@@ -241,7 +250,7 @@ def check_and_measure_memory(case: Case, options: dict) -> Result:
             # A full-size warm-up: MKL and oneDNN keep ~30 MiB of buffers from the first run at a new size,
             # which would otherwise count towards whichever case runs first. Outside the counter, since
             # while its hooks are installed autograd skips its in-place checks.
-            _fwd_bwd(module, x, dy)
+            _fwd_bwd(module, x, dy, options)
         except RuntimeError as error:
             if _is_out_of_memory(error):
                 raise
@@ -252,7 +261,7 @@ def check_and_measure_memory(case: Case, options: dict) -> Result:
         gc.collect()
         baseline = _proc_status_kib("VmRSS")
         _reset_peak_rss()
-        _fwd_bwd(module, x, dy)
+        _fwd_bwd(module, x, dy, options)
         result.peak_bytes = (_proc_status_kib("VmHWM") - baseline) * 1024
     except (RuntimeError, MemoryError) as error:
         if not _is_out_of_memory(error):
@@ -274,13 +283,13 @@ def measure_times(cases: list[Case], options: dict) -> list[list[float]]:
         _load_lazy_code(module, block)
     _cap_address_space(options)
     for module, _, x, dy in built:
-        _fwd_bwd(module, x, dy)
+        _fwd_bwd(module, x, dy, options)
     times: list[list[float]] = [[] for _ in cases]
     spent = 0.0
     for round_index in range(options["repeats"]):
         for case_times, (module, _, x, dy) in zip(times, built, strict=True):
             start = time.perf_counter()
-            _fwd_bwd(module, x, dy)
+            _fwd_bwd(module, x, dy, options)
             elapsed = time.perf_counter() - start
             case_times.append(1e3 * elapsed)
             spent += elapsed
@@ -594,8 +603,9 @@ def environment(options: dict) -> str:
             versions.append(f"{peer} {version('mmcv-lite' if peer == 'mmcv' else package)}")
         except Exception:  # metadata missing: name the package without a version
             versions.append(peer)
+    precision = "float32" if options.get("autocast") is None else f"autocast {options['autocast']}"
     return (f"{cpu}, {os.cpu_count()} logical CPUs, {options['threads']} torch thread(s); "
-            f"{', '.join(versions)}; float32, train mode; "
+            f"{', '.join(versions)}; {precision}, train mode; "
             f"memory cap {options['memory_cap_gib']:g} GiB per case")
 
 
@@ -610,6 +620,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5; quick 3)")
     parser.add_argument("--case-seconds", type=float, default=20.0,
                         help="stop repeating a case once it has spent this long (at least 3 runs)")
+    parser.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
+                        help="run the forwards under CPU autocast to this dtype (default: float32)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each case")
     parser.add_argument("--memory-cap-gib", type=float, default=6.0,
                         help="address-space cap per case above its set-up size; beyond it a case is OOM")
@@ -652,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     if repeats < 1 or args.threads < 1 or args.memory_cap_gib <= 0:
         raise ValueError("--repeats and --threads must be ≥ 1 and --memory-cap-gib > 0")
     options = {"threads": args.threads, "repeats": repeats, "case_seconds": args.case_seconds,
-               "memory_cap_gib": args.memory_cap_gib, "case_timeout": args.case_timeout}
+               "memory_cap_gib": args.memory_cap_gib, "case_timeout": args.case_timeout, "autocast": args.autocast}
 
     started, version = time.time(), block_version()
     command = "python benchmarks/block.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -1,6 +1,7 @@
 """Forward+backward of the whole NL I3D ResNet-50 with nlnet's non-local blocks vs pytorchvideo's, same weights.
 
-Both networks are ``nlnet.models.create("nl_i3d_r50")`` on one 3x32x224x224 clip (batch 1, train mode, float32);
+Both networks are ``nlnet.models.create("nl_i3d_r50")`` on one 3x32x224x224 clip (batch 1, train mode, float32,
+or under CPU autocast with ``--autocast bf16``);
 in the second, each of the five ``NonLocalBlock`` modules is replaced by pytorchvideo's ``NonLocal``
 (``create_nonlocal``, softmax instantiation, pool 1x2x2 before φ and g: the same function) holding a copy of
 the block's weights. The non-local weights are randomised first (BN γ = 1), so the blocks are not the identity
@@ -32,7 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _peers  # noqa: E402
-from block import _in_fresh_process, _pin_mmap_threshold, _proc_status_kib, _reset_peak_rss  # noqa: E402
+from block import (  # noqa: E402
+    AUTOCAST_DTYPES,
+    _in_fresh_process,
+    _pin_mmap_threshold,
+    _proc_status_kib,
+    _reset_peak_rss,
+    autocast_context,
+)
 
 from nlnet.models import create, nonlocal_blocks  # noqa: E402
 from nlnet.utils.memory import SavedTensorCounter  # noqa: E402
@@ -56,8 +64,10 @@ def build(network: str, clip_shape: tuple[int, ...]) -> tuple[torch.nn.Module, t
     return model.train(), clip, grad
 
 
-def _fwd_bwd(model: torch.nn.Module, clip: torch.Tensor, grad: torch.Tensor) -> None:
-    model(clip).backward(grad)
+def _fwd_bwd(model: torch.nn.Module, clip: torch.Tensor, grad: torch.Tensor, autocast: str | None) -> None:
+    with autocast_context(autocast):
+        logits = model(clip)
+    logits.backward(grad.to(logits.dtype))
     model.zero_grad(set_to_none=True)
 
 
@@ -71,34 +81,35 @@ def check_equal(clip_shape: tuple[int, ...]) -> float:
     return ((outputs[0] - outputs[1]).abs().max() / outputs[0].abs().max()).item()
 
 
-def measure_memory(network: str, clip_shape: tuple[int, ...], threads: int) -> dict:
+def measure_memory(network: str, clip_shape: tuple[int, ...], threads: int, autocast: str | None) -> dict:
     """In a fresh process: the saved-for-backward bytes and the peak RSS rise of one forward+backward."""
     torch.set_num_threads(threads)
     _pin_mmap_threshold()
     model, clip, grad = build(network, clip_shape)
-    _fwd_bwd(model, clip, grad)  # warm-up: one-time allocations and kernel set-up
+    _fwd_bwd(model, clip, grad, autocast)  # warm-up: one-time allocations and kernel set-up
     excluded = [clip, grad, *model.parameters(), *model.buffers()]
     gc.collect()
     baseline = _proc_status_kib("VmRSS")
     _reset_peak_rss()
-    with SavedTensorCounter(exclude=excluded) as counter:
+    with SavedTensorCounter(exclude=excluded) as counter, autocast_context(autocast):
         out = model(clip)
-    out.backward(grad)
+    out.backward(grad.to(out.dtype))
     peak = (_proc_status_kib("VmHWM") - baseline) * 1024
     return {"saved_bytes": counter.nbytes, "peak_bytes": peak}
 
 
-def measure_times(clip_shape: tuple[int, ...], threads: int, repeats: int) -> dict[str, list[float]]:
+def measure_times(clip_shape: tuple[int, ...], threads: int, repeats: int,
+                  autocast: str | None) -> dict[str, list[float]]:
     """In one process: seconds per forward+backward of both networks, interleaved run by run (A B A B ...)."""
     torch.set_num_threads(threads)
     built = {network: build(network, clip_shape) for network in NETWORKS}
     for args in built.values():
-        _fwd_bwd(*args)  # warm-up
+        _fwd_bwd(*args, autocast)  # warm-up
     times: dict[str, list[float]] = {network: [] for network in NETWORKS}
     for _ in range(repeats):
         for network, args in built.items():
             start = time.perf_counter()
-            _fwd_bwd(*args)
+            _fwd_bwd(*args, autocast)
             times[network].append(time.perf_counter() - start)
     return times
 
@@ -107,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per network, after one warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a busy box)")
+    parser.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
+                        help="run the forwards under CPU autocast to this dtype (default: float32)")
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before a measurement is killed")
@@ -122,20 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     context.set_forkserver_preload(["torch", "nlnet", "_peers"])
     memory = {}
     for network in NETWORKS:
-        status, value = _in_fresh_process(context, measure_memory, (network, clip_shape, args.threads), args.timeout)
+        status, value = _in_fresh_process(context, measure_memory, (network, clip_shape, args.threads, args.autocast),
+                                           args.timeout)
         if status != "ok":
             raise RuntimeError(f"memory of {network}: {value}")
         memory[network] = value
-    status, times = _in_fresh_process(context, measure_times, (clip_shape, args.threads, args.repeats), args.timeout)
+    status, times = _in_fresh_process(context, measure_times, (clip_shape, args.threads, args.repeats, args.autocast),
+                                        args.timeout)
     if status != "ok":
         raise RuntimeError(f"timing: {times}")
     median = {network: statistics.median(times[network]) for network in NETWORKS}
 
+    precision = "float32" if args.autocast is None else f"autocast {args.autocast}"
     command = "python benchmarks/model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     lines = [
         f"Command: `{command.strip()}`",
         "",
-        f"nl_i3d_r50, clip 1x{'x'.join(map(str, clip_shape))}, train mode, float32, {args.threads} torch "
+        f"nl_i3d_r50, clip 1x{'x'.join(map(str, clip_shape))}, train mode, {precision}, {args.threads} torch "
         f"thread(s), torch {torch.__version__}; logits of the two networks agree to {relative_diff:.1e} "
         f"(relative, eval mode, 16x112x112 clip); {time.time() - started:.0f} s in all.",
         "",

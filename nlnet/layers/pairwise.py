@@ -100,49 +100,76 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 class _ChunkedSoftmaxAttention(torch.autograd.Function):
-    """Softmax attention over query chunks that saves q, k, v, the output and one log-sum-exp per query.
+    """Softmax attention over query chunks that saves q, k, v, the output and two numbers per query.
 
-    Backward recomputes each chunk's weights from the saved log-sum-exp (the memory-efficient attention
-    recurrence), so memory is O(chunk · M) at any N. Used where the flash kernel does not apply: values
-    narrower than the keys (Gaussian mode compares the raw C channels but aggregates C/2) or very wide heads.
+    Backward recomputes each chunk's weights (the memory-efficient attention recurrence), so memory is
+    O(chunk · M) at any N. Used where the flash kernel does not apply: values narrower than the keys (Gaussian
+    mode compares the raw C channels but aggregates C/2), very wide heads, or few keys.
+
+    Per query it keeps the row maximum m_i of the logits and the sum t_i = Σ_j exp(s_ij - m_i), so that
+    backward forms p_ij = exp(s_ij - m_i) / t_i from two small, well-represented numbers: the usual single
+    log-sum-exp m_i + log t_i would be rounded to bfloat16's 8 bits under autocast (±0.25 at 100, ±28 % on
+    every weight of an unscaled Gaussian). 1/t_i is folded into the (chunk, dv) gradient rows rather than into
+    the (chunk, M) weights. Every GEMM writes row-major output, whatever the layout of q, k and v: a CPU
+    bfloat16 GEMM whose output is a transposed view falls back to a reference kernel thousands of times slower.
+    Gradients of k and v are summed over chunks in float32 at least.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-        lse = q.new_empty(q.shape[0], q.shape[1])
-        for start in range(0, q.shape[1], CHUNK_QUERIES):
+        batch, queries, _ = q.shape
+        accumulate = torch.promote_types(q.dtype, torch.float32)
+        out = q.new_empty(batch, queries, v.shape[-1])
+        peak = q.new_empty(batch, queries, 1)
+        total = q.new_empty(batch, queries, 1, dtype=accumulate)
+        for start in range(0, queries, CHUNK_QUERIES):
             rows = slice(start, start + CHUNK_QUERIES)
-            logits = torch.baddbmm(lse.new_zeros(()), q[:, rows], k.mT, beta=0, alpha=scale)  # (B, n, M)
-            peak = logits.amax(-1, keepdim=True)
-            weights = _exp_(logits.sub_(peak))  # unnormalised
-            total = weights.sum(-1, keepdim=True)
-            torch.div(torch.bmm(weights, v), total, out=out[:, rows])
-            lse[:, rows] = (peak + total.log()).squeeze(-1)
-        ctx.save_for_backward(q, k, v, out, lse)
+            logits = _scaled_logits(q[:, rows], k, scale)  # (B, n, M)
+            peak[:, rows] = logits.amax(-1, keepdim=True)
+            weights = _exp_(logits.sub_(peak[:, rows]))  # unnormalised, the largest is 1
+            total[:, rows] = weights.sum(-1, keepdim=True, dtype=accumulate)
+            out[:, rows] = torch.bmm(weights, v).div_(total[:, rows])
+        ctx.save_for_backward(q, k, v, out, peak, total)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, peak, total = ctx.saved_tensors
         scale = ctx.scale
-        grad_out = grad_out.contiguous()
+        dtype, accumulate = q.dtype, total.dtype
+        grad_out = grad_out.to(dtype)
         # Σ_j p_ij (dout_i · v_j) = dout_i · out_i: the softmax Jacobian's rank-one term, one number per query.
-        delta = (grad_out * out).sum(-1)
-        grad_q = torch.empty_like(q)
-        grad_k = torch.zeros_like(k)
-        grad_v = torch.zeros_like(v)
+        delta = (grad_out.to(accumulate) * out).sum(-1, keepdim=True)
+        # dout_i / t_i and delta_i / t_i carry the normalisation of every weight of row i.
+        grad_out = (grad_out / total).to(dtype)
+        delta = (delta / total).to(dtype)
+        grad_q = q.new_empty(q.shape)  # row-major whatever q's layout
+        grad_k = k.new_zeros(k.shape, dtype=accumulate)
+        grad_v = v.new_zeros(v.shape, dtype=accumulate)
         for start in range(0, q.shape[1], CHUNK_QUERIES):
             rows = slice(start, start + CHUNK_QUERIES)
-            # p = exp(scale · q kᵀ - lse), the scale and the subtraction folded into the GEMM.
-            weights = _exp_(torch.baddbmm(-lse[:, rows, None], q[:, rows], k.mT, alpha=scale))
-            grad_v.baddbmm_(weights.mT, grad_out[:, rows])
+            # exp(scale · q kᵀ - m) by the forward's own operations: the same weights to the last bit.
+            weights = _exp_(_scaled_logits(q[:, rows], k, scale).sub_(peak[:, rows]))
+            _add_product_(grad_v, weights.mT, grad_out[:, rows])
             # dL/dlogits / scale: the scale goes into the two GEMMs below instead of a pass over the chunk.
-            grad_logits = torch.bmm(grad_out[:, rows], v.mT).sub_(delta[:, rows, None]).mul_(weights)
+            grad_logits = torch.bmm(grad_out[:, rows], v.mT).sub_(delta[:, rows]).mul_(weights)
             torch.baddbmm(grad_q[:, rows], grad_logits, k, beta=0, alpha=scale, out=grad_q[:, rows])
-            grad_k.baddbmm_(grad_logits.mT, q[:, rows], alpha=scale)
-        return grad_q, grad_k, grad_v, None
+            _add_product_(grad_k, grad_logits.mT, q[:, rows], alpha=scale)
+        return grad_q, grad_k.to(dtype), grad_v.to(dtype), None
+
+
+def _scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · q kᵀ, the scale folded into the GEMM: (B, n, d), (B, M, d) -> (B, n, M)."""
+    return torch.baddbmm(q.new_zeros(()), q, k.mT, beta=0, alpha=scale)
+
+
+def _add_product_(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """total += alpha · a @ b for batched matrices, in total's dtype: one GEMM straight into it where the dtypes
+    agree, else a GEMM in the operands' dtype whose result is added."""
+    if total.dtype == a.dtype:
+        return total.baddbmm_(a, b, alpha=alpha)
+    return total.add_(torch.bmm(a, b), alpha=alpha)
 
 
 def _exp_(logits: torch.Tensor) -> torch.Tensor:

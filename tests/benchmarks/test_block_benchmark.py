@@ -112,6 +112,17 @@ def test_run_all_measures_every_installed_implementation_in_fresh_processes():
     assert [bench._result_from_dict(dataclasses.asdict(r)) for r in results] == results
 
 
+def test_autocast_option_runs_the_forward_in_bfloat16():
+    tiny = bench.Shape("tiny", "tiny clip", 3, 32, (2, 8, 8), 2, "paper")
+    groups = bench.plan([tiny], ["embedded_gaussian"], ["explicit"])
+    (full,) = bench.run_all(groups, _options(repeats=1))
+    (half,) = bench.run_all(groups, _options(repeats=1, autocast="bf16"))
+    assert full.status == half.status == "ok", (full.message, half.message)
+    # The explicit form keeps its projections and the bmm operands in bfloat16: fewer bytes, same tensors.
+    assert half.saved_bytes < full.saved_bytes
+    assert "autocast bf16" in bench.environment(_options(autocast="bf16"))
+
+
 def test_a_case_over_the_memory_cap_is_reported_as_out_of_memory():
     pytest.importorskip("mmcv")
     # mmcv's concatenation builds (B, 2C', N, M) = 2·32·4096·1024 floats = 1 GiB; nlnet needs ~50 MiB.
