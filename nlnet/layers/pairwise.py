@@ -127,7 +127,7 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
             logits = _scaled_logits(q[:, rows], k, scale)  # (B, n, M)
             peak[:, rows] = logits.amax(-1, keepdim=True)
             weights = _exp_(logits.sub_(peak[:, rows]))  # unnormalised, the largest is 1
-            total[:, rows] = weights.sum(-1, keepdim=True, dtype=accumulate)
+            total[:, rows] = weights.sum(-1, keepdim=True)  # summed in float32 at least, whatever the dtype
             out[:, rows] = torch.bmm(weights, v).div_(total[:, rows])
         ctx.save_for_backward(q, k, v, out, peak, total)
         ctx.scale = scale
@@ -144,18 +144,20 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
         # dout_i / t_i and delta_i / t_i carry the normalisation of every weight of row i.
         grad_out = (grad_out / total).to(dtype)
         delta = (delta / total).to(dtype)
-        grad_q = q.new_empty(q.shape)  # row-major whatever q's layout
-        grad_k = k.new_zeros(k.shape, dtype=accumulate)
-        grad_v = v.new_zeros(v.shape, dtype=accumulate)
+        # Gradients in the layouts of q, k and v (often transposed views of channel-major projections), so that
+        # they reach those tensors without a transposing copy.
+        grad_q = torch.empty_like(q)
+        grad_k = torch.zeros_like(k, dtype=accumulate)
+        grad_v = torch.zeros_like(v, dtype=accumulate)
         for start in range(0, q.shape[1], CHUNK_QUERIES):
             rows = slice(start, start + CHUNK_QUERIES)
             # exp(scale · q kᵀ - m) by the forward's own operations: the same weights to the last bit.
             weights = _exp_(_scaled_logits(q[:, rows], k, scale).sub_(peak[:, rows]))
-            _add_product_(grad_v, weights.mT, grad_out[:, rows])
+            _product_into(grad_v, weights.mT, grad_out[:, rows], add=True)
             # dL/dlogits / scale: the scale goes into the two GEMMs below instead of a pass over the chunk.
             grad_logits = torch.bmm(grad_out[:, rows], v.mT).sub_(delta[:, rows]).mul_(weights)
-            torch.baddbmm(grad_q[:, rows], grad_logits, k, beta=0, alpha=scale, out=grad_q[:, rows])
-            _add_product_(grad_k, grad_logits.mT, q[:, rows], alpha=scale)
+            _product_into(grad_q[:, rows], grad_logits, k, alpha=scale)
+            _product_into(grad_k, grad_logits.mT, q[:, rows], alpha=scale, add=True)
         return grad_q, grad_k.to(dtype), grad_v.to(dtype), None
 
 
@@ -164,12 +166,20 @@ def _scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
     return torch.baddbmm(q.new_zeros(()), q, k.mT, beta=0, alpha=scale)
 
 
-def _add_product_(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """total += alpha · a @ b for batched matrices, in total's dtype: one GEMM straight into it where the dtypes
-    agree, else a GEMM in the operands' dtype whose result is added."""
-    if total.dtype == a.dtype:
-        return total.baddbmm_(a, b, alpha=alpha)
-    return total.add_(torch.bmm(a, b), alpha=alpha)
+def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, add: bool = False):
+    """out = alpha · a @ b (``add``: out += ...) for batched matrices, writing row-major whatever out's layout.
+
+    A transposed ``out`` receives bᵀ aᵀ through its row-major transpose; where out's dtype is wider than the
+    operands' (float32 sums of bfloat16 products) the product is formed in the operands' dtype and added.
+    """
+    if out.stride(-1) != 1:
+        out, a, b = out.mT, b.mT, a.mT
+    if out.dtype == a.dtype:
+        out.baddbmm_(a, b, beta=1 if add else 0, alpha=alpha)
+    elif add:
+        out.add_(torch.bmm(a, b), alpha=alpha)
+    else:
+        torch.mul(torch.bmm(a, b), alpha, out=out)
 
 
 def _exp_(logits: torch.Tensor) -> torch.Tensor:
