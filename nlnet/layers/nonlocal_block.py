@@ -470,7 +470,7 @@ class _PoolProject(torch.autograd.Function):
         pooled = _window_max(source, kernel)
         ctx.save_for_backward(source, *weights_and_biases)
         ctx.kernel = kernel
-        return torch.baddbmm(bias[:, None], weight.expand(source.shape[0], -1, -1), pooled.flatten(2))
+        return torch.baddbmm(bias[:, None], _batched_weight(weight, source), pooled.flatten(2))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -513,8 +513,18 @@ def _project(features: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     Faster than the CPU's 1×1×1 ``conv3d`` and its backward, and the same numbers.
     """
     flat = features.flatten(2)  # (B, C_in, P)
-    weight = conv.weight.flatten(1).expand(flat.shape[0], -1, -1)  # (B, C_out, C_in)
-    return torch.baddbmm(conv.bias[:, None], weight, flat)
+    return torch.baddbmm(conv.bias[:, None], _batched_weight(conv.weight.flatten(1), flat), flat)
+
+
+def _batched_weight(weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """A (C_out, C_in) weight as a (B, C_out, C_in) view for a batched GEMM with ``features`` (B, C_in, P).
+
+    Under autocast the weight is cast first: autocast casting the expanded view would copy it B times.
+    """
+    device = features.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        weight = weight.to(torch.get_autocast_dtype(device))
+    return weight.expand(features.shape[0], -1, -1)
 
 
 def _position_index(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -4,8 +4,9 @@ Every peer builds the (B, N, M) affinity and keeps it for backward. The kernels 
 without keeping it:
 
 * softmax modes (Gaussian, embedded Gaussian): ``scaled_dot_product_attention`` where its flash kernel applies,
-  the explicit product where the affinity is small, and otherwise a query-chunked kernel that stores only the
-  log-sum-exp per query and recomputes each chunk's weights in backward;
+  the explicit product where the affinity is small, and otherwise a query-chunked kernel that stores two
+  numbers per query (the largest logit and the sum of exponentials) and recomputes each chunk's weights in
+  backward;
 * dot product: reassociation, θ (φᵀ g) / M, which is O(N·d²) instead of O(N·M·d) (where that is cheaper);
 * concatenation: f_ij = ReLU(a_i + b_j) is non-zero exactly where b_j > -a_i, so after sorting b the sum over j
   is a suffix sum: y_i = (a_i · S_g[k_i] + S_bg[k_i]) / M with S the suffix sums of g and b·g and k_i found by

@@ -326,6 +326,28 @@ def test_autocast_with_large_activations_stays_finite(mode, dtype):
         assert all(torch.isfinite(p.grad).all() for p in block.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_keeps_one_copy_of_each_weight_whatever_the_batch(mode):
+    # Autocast casting a weight expanded over the batch would materialise (and keep) one copy per sample.
+    block = NonLocalBlock(24, 8, dim=3, mode=mode)
+    x = torch.randn(5, 24, 2, 4, 6, requires_grad=True)  # 48 queries, 12 keys: no activation is shaped like a weight
+    weights = {tuple(p.flatten(1).shape) for p in block.parameters() if p.dim() > 1}
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.untyped_storage().nbytes() // tensor.element_size()))
+        return tensor
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    weight_shapes = weights | {w[::-1] for w in weights}
+    assert saved
+    # Where a GEMM sees a (B, C_out, C_in) weight, it is a view of one copy.
+    copied = [(shape, size) for shape, size in saved
+              if shape[0] == 5 and shape[1:] in weight_shapes and size >= 5 * shape[1] * shape[2]]
+    assert not copied, copied
+
+
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
     block = randomised(NonLocalBlock(8, dim=3)).float()
