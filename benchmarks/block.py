@@ -5,7 +5,8 @@ One run measures, for every (shape, mode, implementation):
 * **time**: median wall time of ``out = module(x); out.backward(dy)`` (train mode). The implementations of one
   (shape, mode) are timed in one process, interleaved run by run (A B C A B C ...) after one warm-up run each,
   so that load from other processes hits them alike; at least 3 and at most ``--repeats`` rounds, fewer than
-  ``--repeats`` once the rounds have used ``--case-seconds`` per implementation.
+  ``--repeats`` once the rounds have used ``--case-seconds`` per implementation. The timing process keeps
+  glibc's default allocator behaviour (the mmap threshold is pinned only for the peak measurement).
 * **saved MiB**: the bytes of the tensors autograd keeps for backward, counted exactly with
   ``torch.autograd.graph.saved_tensors_hooks`` (:class:`nlnet.utils.SavedTensorCounter`): each storage once,
   the input, parameters, buffers and views of them excluded.
@@ -180,7 +181,6 @@ def _set_up_process(options: dict) -> None:
     # The unscaled Gaussian mode (mmcv's) drives most softmax weights below float32's normal range; without
     # flush-to-zero the CPU then spends ~10× longer on denormal arithmetic in every implementation alike.
     torch.set_flush_denormal(True)
-    _pin_mmap_threshold()
 
 
 def _build(case: Case) -> tuple[torch.nn.Module, NonLocalBlock, torch.Tensor, torch.Tensor]:
@@ -221,6 +221,9 @@ def _oom_message(options: dict) -> str:
 def check_and_measure_memory(case: Case, options: dict) -> Result:
     """In a fresh process: check the case against nlnet, count its saved bytes, measure its peak RSS rise."""
     _set_up_process(options)
+    # Only here: with the threshold pinned every large allocation page-faults afresh, which would add ~30 % to
+    # the timed runs (the timing process keeps glibc's default, which reuses freed memory as training does).
+    _pin_mmap_threshold()
     result = Result(case, "ok")
     try:
         module, block, x, dy = _build(case)
