@@ -170,17 +170,15 @@ def _scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
 def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, add: bool = False):
     """out = alpha · a @ b (``add``: out += ...) for batched matrices, writing row-major whatever out's layout.
 
-    A transposed ``out`` receives bᵀ aᵀ through its row-major transpose; where out's dtype is wider than the
-    operands' (float32 sums of bfloat16 products) the product is formed in the operands' dtype and added.
+    A transposed ``out`` receives bᵀ aᵀ through its row-major transpose. A sum wider than the operands (float32
+    over bfloat16 products, ``add`` only) receives the product formed in the operands' dtype.
     """
     if out.stride(-1) != 1:
         out, a, b = out.mT, b.mT, a.mT
     if out.dtype == a.dtype:
         out.baddbmm_(a, b, beta=1 if add else 0, alpha=alpha)
-    elif add:
-        out.add_(torch.bmm(a, b), alpha=alpha)
     else:
-        torch.mul(torch.bmm(a, b), alpha, out=out)
+        out.add_(torch.bmm(a, b), alpha=alpha)
 
 
 def _exp_(logits: torch.Tensor) -> torch.Tensor:
