@@ -521,10 +521,8 @@ def _batched_weight(weight: torch.Tensor, features: torch.Tensor) -> torch.Tenso
 
     Under autocast the weight is cast first: autocast casting the expanded view would copy it B times.
     """
-    device = features.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        weight = weight.to(torch.get_autocast_dtype(device))
-    return weight.expand(features.shape[0], -1, -1)
+    dtype = pairwise.autocast_dtype(features)
+    return (weight if dtype is None else weight.to(dtype)).expand(features.shape[0], -1, -1)
 
 
 def _position_index(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

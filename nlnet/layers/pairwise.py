@@ -39,11 +39,18 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     part never runs in it; bfloat16 has float32's range and stays.
     """
     dtype = tensor.dtype
-    device = tensor.device.type
-    autocast_on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    if autocast_on and dtype in (torch.float32, torch.float16, torch.bfloat16):
-        dtype = torch.get_autocast_dtype(device)
+    autocast = autocast_dtype(tensor)
+    if autocast is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = autocast
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives GEMMs on ``tensor``'s device, or ``None`` where autocast is off."""
+    device = tensor.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -139,7 +146,6 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
         q, k, v, out, peak, total = ctx.saved_tensors
         scale = ctx.scale
         dtype, accumulate = q.dtype, total.dtype
-        grad_out = grad_out.to(dtype)
         # Σ_j p_ij (dout_i · v_j) = dout_i · out_i: the softmax Jacobian's rank-one term, one number per query.
         delta = (grad_out.to(accumulate) * out).sum(-1, keepdim=True)
         # dout_i / t_i and delta_i / t_i carry the normalisation of every weight of row i.
