@@ -104,7 +104,10 @@ def _write_checkpoint(path: Path) -> None:
 
 def _user_files(code: str, workdir: Path) -> None:
     """Makes, in ``workdir``, the user-supplied files that ``code`` names."""
-    import torchvision
+    if not any(name in code for name in ("resnet50-imagenet.pth", "resnet50-0676ba61.pth", "maskrcnn_coco.pth")):
+        torchvision = None
+    else:
+        import torchvision
 
     if "resnet50-imagenet.pth" in code:
         _save_meta_state_dict(torchvision.models.resnet50, workdir / "resnet50-imagenet.pth")
