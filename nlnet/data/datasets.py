@@ -308,7 +308,10 @@ class VideoClipDataset(Dataset):
       ``k``.
 
     Items are dicts. train/center: ``clip`` float32 (3, T, H, W); test: ``clip`` float32
-    (num_clips * num_crops, 3, T, test_crop, test_crop). ``label`` is an int64 scalar, or with ``multi_label``
+    (num_clips * num_crops, 3, T, test_crop, test_crop). With ``normalized=False`` the clips are the uint8
+    pixels in the same layout (a quarter of the bytes through the loader's shared memory);
+    ``nlnet.data.transforms.normalize_clips(clip, dataset.mean, dataset.std)`` gives the float32 clips.
+    ``label`` is an int64 scalar, or with ``multi_label``
     a float32 (num_classes,) multi-hot vector; ``index`` is the item index. A video that is missing or cannot
     be decoded is logged as a warning and gives ``{"skipped": str(path), "index": index}`` instead.
 
@@ -329,6 +332,7 @@ class VideoClipDataset(Dataset):
         std: normalisation standard deviation in pixel units (one number or RGB).
         class_names: optional names of the classes in index order.
         seed: seed of the augmentation randomness (see the module docstring).
+        normalized: float32 normalised clips (True) or uint8 pixels (False).
     """
 
     def __init__(
@@ -350,6 +354,7 @@ class VideoClipDataset(Dataset):
         std: float | Sequence[float] = KINETICS_STD,
         class_names: Sequence[str] | None = None,
         seed: int = 0,
+        normalized: bool = True,
     ) -> None:
         if mode not in CLIP_MODES:
             raise ValueError(f"mode must be one of {CLIP_MODES}, got {mode!r}")
@@ -374,8 +379,13 @@ class VideoClipDataset(Dataset):
         self.mode = mode
         self.num_clips = int(num_clips) if mode == "test" else 1
         self.class_names = None if class_names is None else [str(name) for name in class_names]
-        self.train_transform = TrainAugment(jitter_scales, train_crop, mean=mean, std=std)
-        self.eval_views = EvalViews(test_scale, test_crop, num_crops if mode == "test" else 1, mean=mean, std=std)
+        self.mean = mean
+        self.std = std
+        self.normalized = bool(normalized)
+        self.train_transform = TrainAugment(jitter_scales, train_crop, mean=mean, std=std, normalized=normalized)
+        self.eval_views = EvalViews(
+            test_scale, test_crop, num_crops if mode == "test" else 1, mean=mean, std=std, normalized=normalized
+        )
         # (seed, epoch) in shared memory: persistent DataLoader workers hold copies of the dataset and must
         # see set_epoch calls made in the main process.
         self._rng_state = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -449,7 +459,7 @@ class VideoClipDataset(Dataset):
         return torch.tensor(record.labels[0], dtype=torch.int64)
 
 
-def build_dataset(data_cfg: Mapping[str, Any], split: str) -> VideoClipDataset:
+def build_dataset(data_cfg: Mapping[str, Any], split: str, *, normalized: bool = True) -> VideoClipDataset:
     """Build the dataset of one split from the ``data`` section of a config.
 
     Keys (defaults in brackets): ``format`` (see ``ANNOTATION_FORMATS``), ``root``, ``train_list``,
@@ -463,6 +473,7 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str) -> VideoClipDataset:
     Args:
         data_cfg: mapping or OmegaConf ``DictConfig`` with the keys above.
         split: ``train``, ``val`` or ``test``.
+        normalized: float32 normalised clips, or uint8 pixels (``VideoClipDataset``'s ``normalized``).
 
     Returns:
         a ``VideoClipDataset`` in ``train`` mode for ``train``, ``center`` or ``train`` mode for ``val``
@@ -523,6 +534,7 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str) -> VideoClipDataset:
         mean=_number_or_list(data_cfg.get("mean", KINETICS_MEAN)),
         std=_number_or_list(data_cfg.get("std", KINETICS_STD)),
         class_names=class_names,
+        normalized=normalized,
     )
 
 
@@ -588,6 +600,7 @@ def build_loader(
     seed: int = 0,
     drop_last: bool,
     pin_memory: bool = False,
+    persistent_workers: bool = True,
 ) -> DataLoader:
     """A DataLoader that batches with ``collate_clips``, with reproducible order and augmentation.
 
@@ -600,11 +613,14 @@ def build_loader(
         dataset: the dataset.
         batch_size: items per batch (skipped items make a batch smaller).
         shuffle: random order each epoch; must be False when ``sampler`` is given.
-        num_workers: worker processes (0: load in the main process); workers persist across epochs.
+        num_workers: worker processes (0: load in the main process).
         sampler: optional sampler, e.g. ``DistributedSampler``.
         seed: seed of order and augmentation.
         drop_last: drop the last incomplete batch.
-        pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+        pin_memory: pin batches in page-locked memory, so that ``non_blocking`` host-to-GPU copies are
+            asynchronous (from pageable memory they block).
+        persistent_workers: keep the workers alive between epochs (with ``num_workers > 0``); a loader read
+            once in a while (validation, precise BN) should not, so its workers do not sit idle holding memory.
 
     Returns:
         the DataLoader.
@@ -631,5 +647,5 @@ def build_loader(
         drop_last=drop_last,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0,
+        persistent_workers=persistent_workers and num_workers > 0,
     )

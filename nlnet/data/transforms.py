@@ -8,13 +8,16 @@ Official recipe (VNL ``customized_video_input_op.h``; official.md §3.2):
   longer side (the network runs fully convolutionally on them);
 - normalisation: ``(pixel - 114.75) / 57.375`` on RGB, i.e. mean 0.45 and std 0.225 on a [0, 1] scale.
 
-Frames travel as uint8 tensors of shape (T, H, W, 3), as decoded, and leave as float32 clips (3, T, H, W).
+Frames travel as uint8 tensors of shape (T, H, W, 3), as decoded, and leave as float32 clips (3, T, H, W), or
+as uint8 clips (3, T, H, W) when the transform is built with ``normalized=False`` (``normalize_clips`` then
+finishes them on the device).
 Every size is a parameter, so the same code serves 32x32 toy videos and Kinetics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ __all__ = [
     "TrainAugment",
     "crop_offsets",
     "normalize",
+    "normalize_clips",
     "resize_short_side",
 ]
 
@@ -109,6 +113,38 @@ def normalize(frames: torch.Tensor, mean: float | Sequence[float], std: float | 
     return clip.sub_(mean_t.view(-1, 1, 1, 1)).div_(std_t.view(-1, 1, 1, 1))
 
 
+def normalize_clips(
+    clips: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float]
+) -> torch.Tensor:
+    """``(clips - mean) / std`` in float32 for uint8 clips already channels first, on their own device.
+
+    Loaders send uint8 clips (a quarter of float32's bytes through shared memory and the host-to-device copy)
+    and the engine normalises them here after the copy; the arithmetic is that of :func:`normalize`, so the
+    values are the same.
+
+    Args:
+        clips: uint8 tensor (..., 3, T, H, W), RGB.
+        mean: per-channel (RGB) or shared mean in pixel units (0-255).
+        std: per-channel (RGB) or shared standard deviation in pixel units.
+    """
+    if clips.dtype != torch.uint8 or clips.ndim < 4 or clips.shape[-4] != 3:
+        raise ValueError(
+            f"expected uint8 clips of shape (..., 3, T, H, W), got dtype {clips.dtype} and shape {tuple(clips.shape)}"
+        )
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+    if mean_t.numel() not in (1, 3) or std_t.numel() not in (1, 3):
+        raise ValueError(f"mean and std must be one number or 3 (RGB), got mean={mean}, std={std}")
+    out = clips.to(torch.float32)
+    return out.sub_(mean_t.to(clips.device).view(-1, 1, 1, 1)).div_(std_t.to(clips.device).view(-1, 1, 1, 1))
+
+
+def _finish(frames: torch.Tensor, mean: Any, std: Any, normalized: bool) -> torch.Tensor:
+    if normalized:
+        return normalize(frames, mean, std)
+    return frames.movedim(-1, -4).contiguous()
+
+
 class TrainAugment:
     """Training transform: random shorter-side scale, random square crop, horizontal flip, normalisation.
 
@@ -121,6 +157,8 @@ class TrainAugment:
         mean: normalisation mean in pixel units (one number or RGB).
         std: normalisation standard deviation in pixel units (one number or RGB).
         flip_prob: probability of a horizontal flip of the whole clip.
+        normalized: return normalised float32 clips; False returns the uint8 pixels, channels first, for
+            :func:`normalize_clips` to finish on the device.
     """
 
     def __init__(
@@ -131,6 +169,7 @@ class TrainAugment:
         mean: float | Sequence[float] = KINETICS_MEAN,
         std: float | Sequence[float] = KINETICS_STD,
         flip_prob: float = 0.5,
+        normalized: bool = True,
     ) -> None:
         scales = [int(s) for s in jitter_scales]
         if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
@@ -144,6 +183,7 @@ class TrainAugment:
         self.mean = mean
         self.std = std
         self.flip_prob = flip_prob
+        self.normalized = bool(normalized)
 
     def __call__(self, frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Augment one clip.
@@ -153,7 +193,7 @@ class TrainAugment:
             rng: generator for the scale, crop position and flip.
 
         Returns:
-            float32 tensor (3, T, crop_size, crop_size).
+            float32 tensor (3, T, crop_size, crop_size) (uint8 when not ``normalized``).
         """
         scale = int(rng.integers(self.jitter_scales[0], self.jitter_scales[1] + 1))
         frames = resize_short_side(frames, scale)
@@ -163,7 +203,7 @@ class TrainAugment:
         frames = frames[:, top : top + self.crop_size, left : left + self.crop_size]
         if rng.random() < self.flip_prob:
             frames = frames.flip(2)
-        return normalize(frames, self.mean, self.std)
+        return _finish(frames, self.mean, self.std, self.normalized)
 
 
 class EvalViews:
@@ -175,6 +215,7 @@ class EvalViews:
         num_crops: crops per clip; 3 gives start, centre and end of the longer side, 1 the centre.
         mean: normalisation mean in pixel units (one number or RGB).
         std: normalisation standard deviation in pixel units (one number or RGB).
+        normalized: return normalised float32 views; False returns the uint8 pixels, channels first.
     """
 
     def __init__(
@@ -185,6 +226,7 @@ class EvalViews:
         *,
         mean: float | Sequence[float] = KINETICS_MEAN,
         std: float | Sequence[float] = KINETICS_STD,
+        normalized: bool = True,
     ) -> None:
         if not 0 < crop_size <= scale:
             raise ValueError(f"crop_size must be in [1, scale={scale}], got {crop_size}")
@@ -195,6 +237,7 @@ class EvalViews:
         self.num_crops = int(num_crops)
         self.mean = mean
         self.std = std
+        self.normalized = bool(normalized)
 
     def __call__(self, frames: torch.Tensor, num_clips: int = 1) -> torch.Tensor:
         """Cut the views of ``num_clips`` clips of equal length, stored one after the other.
@@ -204,7 +247,8 @@ class EvalViews:
             num_clips: number of clips in ``frames``; they share one resize.
 
         Returns:
-            float32 tensor (num_clips * num_crops, 3, T, crop_size, crop_size), clip-major: view
+            float32 (uint8 when not ``normalized``) tensor (num_clips * num_crops, 3, T, crop_size, crop_size),
+            clip-major: view
             ``k * num_crops + j`` is crop ``j`` of clip ``k``; crops go from the start of the longer side to its
             end.
         """
@@ -224,7 +268,7 @@ class EvalViews:
         crops = torch.stack([frames[:, t : t + size, l : l + size] for t, l in corners])
         crops = crops.view(len(corners), num_clips, clip_frames, size, size, 3).transpose(0, 1)
         views = crops.reshape(num_clips * len(corners), clip_frames, size, size, 3)
-        return normalize(views, self.mean, self.std)
+        return _finish(views, self.mean, self.std, self.normalized)
 
 
 def _check_frames(frames: torch.Tensor) -> None:

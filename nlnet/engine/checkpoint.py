@@ -18,12 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from nlnet.engine.distributed import broadcast_object
+
 __all__ = [
     "checkpoint_path",
     "get_rng_state",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "resolve_resume",
     "save_checkpoint",
     "set_rng_state",
 ]
@@ -97,6 +100,39 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_resume(directory: str | Path, resume: bool | str | Path) -> Path | None:
+    """The checkpoint a run resumes from, as rank 0 sees it, on every process.
+
+    Args:
+        directory: the run's output folder.
+        resume: False (the folder must hold no checkpoint), True (its latest checkpoint, or None when it has
+            none) or a checkpoint path.
+
+    Raises:
+        FileExistsError / FileNotFoundError on every process when rank 0 finds the folder taken or the given
+        file missing. Processes on machines that do not share a disk would otherwise each pick their own
+        latest file, or one would stop alone and leave the others waiting.
+    """
+    directory = Path(directory)
+    choice: tuple[str, str | None] = ("none", None)
+    if resume is True:
+        latest = latest_checkpoint(directory)
+        choice = ("path", None if latest is None else str(latest))
+    elif resume:
+        path = Path(resume)
+        choice = ("path", str(path)) if path.is_file() else ("missing", str(path))
+    elif latest_checkpoint(directory) is not None:
+        choice = ("taken", str(directory))
+    kind, value = broadcast_object(choice)
+    if kind == "missing":
+        raise FileNotFoundError(f"checkpoint to resume from not found: {value}")
+    if kind == "taken":
+        raise FileExistsError(
+            f"{value} already holds checkpoints; pass --resume to continue or choose another output_dir"
+        )
+    return None if value is None else Path(value)
+
+
 def get_rng_state() -> dict[str, Any]:
     """Torch (CPU and CUDA), NumPy and Python RNG states, in a form ``weights_only`` can load."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -122,12 +158,12 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what :func:`get_rng_state` returned."""
+    """Restores what :func:`get_rng_state` returned (tensors on any device: they are read back to the host)."""
     torch.set_rng_state(state["torch"].cpu())
     npy = state["numpy"]
-    keys = npy["keys"].numpy().astype(np.uint32)
+    keys = npy["keys"].cpu().numpy().astype(np.uint32)
     np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
     py = state["python"]
-    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
+    random.setstate((py["version"], tuple(py["internal"].cpu().tolist()), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -103,11 +103,17 @@ DEFAULTS: dict[str, Any] = {
         "amp": None,
         "num_workers": 4,
         "tensorboard": True,
+        # On CUDA: let cuDNN time its convolution algorithms for the (fixed) clip shape, and run float32
+        # matmuls and convolutions on TF32 tensor cores. Ignored on CPU.
+        "cudnn_benchmark": True,
+        "tf32": True,
     },
     "test": {
         # Videos per batch; each video is test_clips x test_crops views.
         "batch_size": 1,
         "num_workers": 4,
+        # Views that go through the network at once (the scores do not depend on it; memory does).
+        "view_chunk": 6,
     },
 }
 

@@ -17,8 +17,11 @@ __all__ = [
     "all_gather_objects",
     "all_reduce_mean",
     "all_reduce_sum",
+    "any_rank",
     "barrier",
+    "broadcast_object",
     "cleanup_distributed",
+    "configure_backends",
     "setup_distributed",
 ]
 
@@ -88,8 +91,25 @@ def _active() -> bool:
 
 def cleanup_distributed() -> None:
     """Leaves the process group, if one was joined."""
+    global _host_group
+    _host_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# A gloo group over the same processes, for agreeing on facts the host already knows (is this batch empty?).
+# Under NCCL a collective on a CUDA tensor, read back with .item(), waits for every kernel queued before it;
+# a CPU tensor through gloo costs one small message and leaves the GPU stream running ahead.
+_host_group: Any = None
+
+
+def _host() -> Any:
+    global _host_group
+    if dist.get_backend() == "gloo":
+        return None  # the default group already works on CPU tensors
+    if _host_group is None:
+        _host_group = dist.new_group(backend="gloo")  # collective: every rank reaches it in the same call
+    return _host_group
 
 
 def barrier() -> None:
@@ -121,3 +141,40 @@ def all_gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective: every process must call it, in the same order).
+
+    The flag travels as a CPU tensor over gloo, so asking never waits for queued GPU work.
+    """
+    if not _active():
+        return bool(flag)
+    value = torch.tensor([int(bool(flag))], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host())
+    return bool(value.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every process; ``obj`` itself in a single process."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_host())
+    return box[0]
+
+
+def configure_backends(device: torch.device | str, *, cudnn_benchmark: bool, tf32: bool) -> None:
+    """On CUDA, enables cuDNN's algorithm search and TF32 float32 matmuls/convolutions; on CPU does nothing.
+
+    Training clips all have one shape, so cuDNN's benchmark pays its search once; TF32 runs float32 matmuls
+    and convolutions on tensor cores (10-bit mantissa products, float32 accumulation). Neither is on by
+    default in PyTorch for matmuls, and cudnn.benchmark is off.
+    """
+    if torch.device(device).type != "cuda":
+        return
+    if cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score
 from torch import nn
 
+from nlnet.data.transforms import normalize_clips
 from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.distributed import DistContext, all_gather_objects, cleanup_distributed, setup_distributed
 from nlnet.engine.sampler import ResumableSampler
@@ -93,13 +94,26 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> tuple[flo
     return float(np.nanmean(per_class)), per_class
 
 
-def video_scores(model: nn.Module, clips: torch.Tensor, *, multi_label: bool) -> torch.Tensor:
+def video_scores(
+    model: nn.Module,
+    clips: torch.Tensor,
+    *,
+    multi_label: bool,
+    view_chunk: int | None = None,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+) -> torch.Tensor:
     """Video-level scores from all views, fully convolutionally.
 
     Args:
         model: network with ``forward_dense(x) -> (B, K, t, h, w)`` logits, in eval mode.
-        clips: (B, V, 3, T, H, W) views of B videos, or (B, 3, T, H, W) for one view each.
+        clips: (B, V, 3, T, H, W) views of B videos, or (B, 3, T, H, W) for one view each; float clips, or
+            uint8 pixels normalised here with ``mean`` and ``std`` one chunk at a time.
         multi_label: sigmoid instead of softmax per location.
+        view_chunk: views per forward pass (None: all B * V at once). Eval-mode networks treat every view on
+            its own, so the scores do not depend on it; only the peak memory does.
+        mean: normalisation mean in pixel units, for uint8 clips.
+        std: normalisation standard deviation in pixel units, for uint8 clips.
 
     Returns:
         (B, K) mean over views of the per-location probabilities averaged over t, h, w.
@@ -110,10 +124,23 @@ def video_scores(model: nn.Module, clips: torch.Tensor, *, multi_label: bool) ->
         raise ValueError(
             f"expected clips (B, V, 3, T, H, W) or (B, 3, T, H, W), got shape {tuple(clips.shape)}"
         )
+    raw = clips.dtype == torch.uint8
+    if raw and (mean is None or std is None):
+        raise ValueError("uint8 clips need the normalisation mean and std (pixel units); got None")
+    if view_chunk is not None and view_chunk < 1:
+        raise ValueError(f"view_chunk must be >= 1 or None, got {view_chunk}")
     b, v = clips.shape[:2]
-    logits = model.forward_dense(clips.flatten(0, 1)).float()  # (B*V, K, t, h, w)
-    probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
-    return probs.mean(dim=(2, 3, 4)).view(b, v, -1).mean(dim=1)
+    views = clips.flatten(0, 1)
+    step = views.shape[0] if view_chunk is None else view_chunk
+    per_view = []
+    for start in range(0, views.shape[0], step):
+        chunk = views[start : start + step]
+        if raw:
+            chunk = normalize_clips(chunk, mean, std)
+        logits = model.forward_dense(chunk).float()  # (chunk, K, t, h, w)
+        probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+        per_view.append(probs.mean(dim=(2, 3, 4)))
+    return torch.cat(per_view).view(b, v, -1).mean(dim=1)
 
 
 @dataclass
@@ -141,11 +168,16 @@ def predict(
     *,
     multi_label: bool,
     amp_dtype: torch.dtype | None = None,
+    view_chunk: int | None = None,
 ) -> Predictions:
     """Scores every video of ``loader`` (this process's shard), then gathers all processes' results.
 
-    The model is put in eval mode; callers that continue training must switch it back.
+    The model is put in eval mode; callers that continue training must switch it back. uint8 clips are
+    normalised on ``ctx.device`` with the ``mean`` and ``std`` of ``loader.dataset``; ``view_chunk`` is
+    :func:`video_scores`'.
     """
+    dataset = loader.dataset
+    mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
     model.eval()
     indices, scores, labels, skipped = [], [], [], []
     for batch in loader:
@@ -155,7 +187,11 @@ def predict(
         clips = batch["clip"].to(ctx.device, non_blocking=True)
         autocast = torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         with autocast:
-            scores.append(video_scores(model, clips, multi_label=multi_label).cpu().numpy())
+            scores.append(
+                video_scores(
+                    model, clips, multi_label=multi_label, view_chunk=view_chunk, mean=mean, std=std
+                ).cpu().numpy()
+            )
         indices.append(np.asarray(batch["index"]))
         labels.append(np.asarray(batch["label"]))
     local = (indices, scores, labels, skipped)
@@ -207,7 +243,8 @@ def build_eval_loader(
         data_cfg.val_list = data_cfg[f"{split}_list"]
         data_cfg.val_mode = "center"
         split = "val"
-    dataset = build_dataset(data_cfg, split)
+    # uint8 clips from the workers, normalised on the device (see video_scores).
+    dataset = build_dataset(data_cfg, split, normalized=False)
     sampler = ResumableSampler(
         len(dataset), shuffle=False, rank=ctx.rank, world_size=ctx.world_size, pad=False
     )
@@ -219,6 +256,9 @@ def build_eval_loader(
         sampler=sampler,
         seed=int(cfg.seed),
         drop_last=False,
+        pin_memory=ctx.device.type == "cuda",
+        # Read once per evaluation: workers that persisted would hold their memory through all of training.
+        persistent_workers=False,
     )
 
 
@@ -269,7 +309,14 @@ def test(
         loader = build_eval_loader(cfg, split, ctx, single_view=single_view)
         multi_label = bool(cfg.data.multi_label)
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.train.amp]
-        result = predict(model, loader, ctx, multi_label=multi_label, amp_dtype=amp_dtype)
+        result = predict(
+            model,
+            loader,
+            ctx,
+            multi_label=multi_label,
+            amp_dtype=amp_dtype,
+            view_chunk=int(cfg.test.view_chunk),
+        )
         metrics = summarize(result, multi_label=multi_label)
         views = (1, 1) if single_view else (int(cfg.data.test_clips), int(cfg.data.test_crops))
         if output is None:

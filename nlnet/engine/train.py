@@ -18,7 +18,6 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -32,27 +31,29 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from nlnet.data.transforms import normalize_clips
 from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.checkpoint import (
     checkpoint_path,
     get_rng_state,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    resolve_resume,
     save_checkpoint,
     set_rng_state,
 )
 from nlnet.engine.distributed import (
     DistContext,
     all_gather_objects,
-    all_reduce_mean,
     all_reduce_sum,
+    any_rank,
     barrier,
     cleanup_distributed,
+    configure_backends,
     setup_distributed,
 )
 from nlnet.engine.optim import build_optimizer, build_scheduler
-from nlnet.engine.precise_bn import update_bn_stats
+from nlnet.engine.precise_bn import agreed_clips, update_bn_stats
 from nlnet.engine.sampler import ResumableSampler
 
 logger = logging.getLogger(__name__)
@@ -179,8 +180,11 @@ class _Run:
         self.multi_label = bool(cfg.data.multi_label)
         self.frozen_bn = bool(cfg.model.freeze_bn)
 
+        # Workers send uint8 clips (a quarter of float32's bytes through shared memory and the copy to the
+        # device), pinned for asynchronous copies on CUDA; they are normalised on the device.
+        self.pin_memory = ctx.device.type == "cuda"
         # Reading the annotation lists first: a malformed line stops the run before any model is built.
-        self.dataset = build_dataset(cfg.data, "train")
+        self.dataset = build_dataset(cfg.data, "train", normalized=False)
         self.iters_per_epoch = len(self.dataset) // int(train_cfg.batch_size)
         if self.iters_per_epoch < 1:
             raise ValueError(
@@ -198,10 +202,11 @@ class _Run:
             sampler=self.sampler,
             seed=int(cfg.seed),
             drop_last=True,
+            pin_memory=self.pin_memory,
         )
         self.bn_dataset = None
         if train_cfg.precise_bn and int(train_cfg.precise_bn_batches) > 0:
-            self.bn_dataset = build_dataset(cfg.data, "train")
+            self.bn_dataset = build_dataset(cfg.data, "train", normalized=False)
             self.bn_sampler = ResumableSampler(
                 len(self.bn_dataset),
                 shuffle=True,
@@ -217,6 +222,9 @@ class _Run:
                 sampler=self.bn_sampler,
                 seed=int(cfg.seed),
                 drop_last=True,
+                pin_memory=self.pin_memory,
+                # Read at checkpoints only: persistent workers would sit idle on their memory in between.
+                persistent_workers=False,
             )
         self.val_loader = None
         if int(train_cfg.eval_period) > 0:
@@ -233,6 +241,9 @@ class _Run:
             count = freeze_batchnorm(model)
             logger.info("froze %d BN layers (affine, eval mode)", count)
         model.to(ctx.device)
+        configure_backends(
+            ctx.device, cudnn_benchmark=bool(train_cfg.cudnn_benchmark), tf32=bool(train_cfg.tf32)
+        )
         if cfg.model.sync_bn:
             if ctx.device.type != "cuda":
                 raise ValueError(
@@ -269,6 +280,11 @@ class _Run:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16")
 
         self.iteration = 0
+        # Per log period, on the device: sum of the losses, non-finite losses, since iteration period_start.
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        self.loss_steps = 0
+        self.period_start = 0
         self.skipped: dict[str, None] = {}
         self.precise_bn_at = -1
         self.writer = None
@@ -361,17 +377,20 @@ class _Run:
             return
         self.bn_dataset.set_epoch(self.iteration)
         self.bn_sampler.set_epoch(self.iteration)
-        device = self.ctx.device
-
-        def clips() -> Iterator[torch.Tensor]:
-            for batch in self.bn_loader:
-                if batch["clip"] is not None:
-                    yield batch["clip"].to(device, non_blocking=True)
-
+        clips = agreed_clips(self.bn_loader, self.ctx.device, self.bn_dataset.mean, self.bn_dataset.std)
         with self._autocast():
-            used = update_bn_stats(self.model, clips(), int(self.cfg.train.precise_bn_batches))
+            used = update_bn_stats(self.model, clips, int(self.cfg.train.precise_bn_batches))
         self.precise_bn_at = self.iteration
         logger.info("precise BN at iteration %d over %d batches per process", self.iteration, used)
+
+    def _check_finite(self) -> None:
+        """Raises on every process if a loss since the last log was not finite; before weights are used."""
+        nonfinite = float(all_reduce_sum(self.nonfinite))
+        if nonfinite > 0:
+            raise FloatingPointError(
+                f"{int(nonfinite)} non-finite losses (over all processes) in iterations "
+                f"{self.period_start + 1}-{self.iteration}"
+            )
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -379,6 +398,7 @@ class _Run:
         return torch.autocast(device_type=self.ctx.device.type, dtype=self.amp_dtype)
 
     def save(self) -> None:
+        self._check_finite()
         self.precise_bn()
         state = self.state_dict()  # collective (gathers RNG states and skipped names): all ranks take part
         if self.ctx.is_main:
@@ -394,9 +414,15 @@ class _Run:
     def evaluate(self) -> dict[str, float]:
         from nlnet.engine.evaluate import predict, summarize
 
+        self._check_finite()
         self.precise_bn()
         result = predict(
-            self.model, self.val_loader, self.ctx, multi_label=self.multi_label, amp_dtype=self.amp_dtype
+            self.model,
+            self.val_loader,
+            self.ctx,
+            multi_label=self.multi_label,
+            amp_dtype=self.amp_dtype,
+            view_chunk=int(self.cfg.test.view_chunk),
         )
         set_train_mode(self.model, self.frozen_bn)
         metrics = summarize(result, multi_label=self.multi_label)
@@ -405,42 +431,74 @@ class _Run:
             self.skipped.setdefault(name)
         return metrics
 
-    def step(self, batch: dict[str, Any]) -> torch.Tensor | None:
+    def _flush_losses(self, clip_count: int) -> tuple[float, int]:
+        """Mean loss since the last flush over all processes and their clip count; one read of the device.
+
+        Raises:
+            FloatingPointError: on every process, when some process had a non-finite loss since the last
+                flush (the weights are then no longer usable).
+        """
+        local = torch.stack(
+            [
+                self.loss_sum,
+                torch.tensor(float(self.loss_steps), dtype=torch.float64, device=self.ctx.device),
+                self.nonfinite,
+                torch.tensor(float(clip_count), dtype=torch.float64, device=self.ctx.device),
+            ]
+        )
+        loss_sum, steps, nonfinite, clips = all_reduce_sum(local).tolist()
+        if nonfinite > 0:
+            raise FloatingPointError(
+                f"{int(nonfinite)} non-finite losses (over all processes) in iterations "
+                f"{self.period_start + 1}-{self.iteration}"
+            )
+        self.loss_sum.zero_()
+        self.nonfinite.zero_()
+        self.loss_steps = 0
+        self.period_start = self.iteration
+        return (loss_sum / steps if steps else math.nan), int(clips)
+
+    def step(self, batch: dict[str, Any]) -> None:
         clip, labels = batch["clip"], batch["label"]
         for name in batch["skipped"]:
             if name not in self.skipped:
                 warnings.warn(f"training skips unreadable video {name}", stacklevel=2)
             self.skipped.setdefault(name)
-        empty = torch.tensor(float(clip is None))
-        if self.ctx.world_size > 1:
-            empty = all_reduce_sum(empty.to(self.ctx.device))
-        if float(empty) > 0:
+        # Every process must skip together (DDP's backward is a collective). Each process knows on the host
+        # whether its batch is empty, so the agreement is a one-integer gloo all-reduce on the CPU: it does not
+        # wait for the GPU, which keeps running ahead.
+        if any_rank(clip is None):
             # Every clip of the batch (on some process) was unreadable: all processes skip the update together
             # and the schedule still advances, so the iteration count keeps its meaning. (PyTorch warns when a
             # scheduler steps before the optimiser has; here that is intended.)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                 self.scheduler.step()
-            return None
-        clip = clip.to(self.ctx.device, non_blocking=True)
+            return
+        clip = normalize_clips(clip.to(self.ctx.device, non_blocking=True), self.dataset.mean, self.dataset.std)
         labels = labels.to(self.ctx.device, non_blocking=True)
         with self._autocast():
             logits = self.ddp(clip)
         loss = _loss(logits, labels, self.multi_label)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at iteration {self.iteration}")
+        # No host read here (it would wait for the GPU every step): the loss and a non-finite count stay on
+        # the device until _flush_losses checks and logs them, on every process together.
+        self.loss_sum += loss.detach()
+        self.loss_steps += 1
+        self.nonfinite += (~torch.isfinite(loss.detach())).to(torch.float64)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss.detach()
 
     def run(self, resume_from: Path | None) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
         max_iter = int(cfg.train.max_iter)
         if resume_from is not None:
-            self.load_state_dict(load_checkpoint(resume_from, map_location=ctx.device), resume_from)
+            # Read on the CPU: load_state_dict moves the model's and optimiser's tensors to their device, and
+            # the RNG states must be CPU tensors (NumPy's cannot be rebuilt from a CUDA tensor).
+            self.load_state_dict(load_checkpoint(resume_from), resume_from)
+            self.period_start = self.iteration
         self._open_logs()
         if resume_from is not None:
             self.log({"event": "resume", "iter": self.iteration, "path": str(resume_from)})
@@ -467,17 +525,12 @@ class _Run:
                     break
                 batch = next(batches)
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss = self.step(batch)
+                self.step(batch)
                 self.iteration += 1
                 clip_count += len(batch["index"])
                 bar.update(1)
                 if self.iteration % log_period == 0 or self.iteration == max_iter:
-                    mean_loss = all_reduce_mean(
-                        loss.reshape(1).float()
-                        if loss is not None
-                        else torch.full((1,), math.nan, device=ctx.device)
-                    ).item()
-                    clips = int(all_reduce_sum(torch.tensor(clip_count, device=ctx.device)).item())
+                    mean_loss, clips = self._flush_losses(clip_count)
                     elapsed = max(time.perf_counter() - tick, 1e-9)
                     record = {
                         "event": "train",
@@ -539,18 +592,7 @@ def train(
     ctx = setup_distributed(device)
     try:
         out = Path(cfg.output_dir)
-        if resume is True:
-            resume_from = latest_checkpoint(out)
-        elif resume:
-            resume_from = Path(resume)
-            if not resume_from.is_file():
-                raise FileNotFoundError(f"checkpoint to resume from not found: {resume_from}")
-        else:
-            resume_from = None
-            if latest_checkpoint(out) is not None:
-                raise FileExistsError(
-                    f"{out} already holds checkpoints; pass --resume to continue or choose another output_dir"
-                )
+        resume_from = resolve_resume(out, resume)
         run = _Run(cfg, ctx)
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
