@@ -1,7 +1,8 @@
 """Scenarios run by ``torchrun --nproc_per_node=2`` (gloo, CPU) from ``test_distributed.py``.
 
-``python dist_scenarios.py SCENARIO OUT_DIR [ARGS...]``: every rank writes ``OUT_DIR/rank<r>.json`` with what
-it saw, or the type and message of the exception it stopped with (then it exits with status 1).
+``python dist_scenarios.py OUT_DIR PLAN.json``: PLAN is a list of ``[scenario, [args...]]`` run in order in the same
+two processes (one launch: starting interpreters that import torch is the slow part). For each scenario each writes
+``OUT_DIR/<scenario>.rank<r>.json`` with what it saw, or the type and message of the exception it stopped with.
 """
 
 from __future__ import annotations
@@ -38,17 +39,13 @@ def nan_on_rank_one(args: list[str], rank: int) -> dict:
 
 def resume_choice(args: list[str], rank: int) -> dict:
     """Every rank looks at its own folder args[rank]; rank 0's view decides."""
-    setup_distributed("cpu")
+    chosen = resolve_resume(args[rank], True)
     try:
-        chosen = resolve_resume(args[rank], True)
-        try:
-            resolve_resume(args[rank], False)
-            fresh = "allowed"
-        except FileExistsError as error:
-            fresh = f"FileExistsError: {error}"
-        return {"chosen": str(chosen), "fresh": fresh}
-    finally:
-        cleanup_distributed()
+        resolve_resume(args[rank], False)
+        fresh = "allowed"
+    except FileExistsError as error:
+        fresh = f"FileExistsError: {error}"
+    return {"chosen": str(chosen), "fresh": fresh}
 
 
 def _bn_net() -> nn.Module:
@@ -58,49 +55,42 @@ def _bn_net() -> nn.Module:
 
 def precise_bn_with_an_empty_batch(args: list[str], rank: int) -> dict:
     """Four uint8 batches per rank; rank 1's second one is empty (its videos were unreadable)."""
-    setup_distributed("cpu")
-    try:
-        generator = torch.Generator().manual_seed(10 + rank)
-        shape = (2, 3, 2, 4, 4)
-        batches = [{"clip": torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)} for _ in range(4)]
-        if rank == 1:
-            batches[1] = {"clip": None}
-        model = _bn_net().train()
-        used = update_bn_stats(model, agreed_clips(batches, torch.device("cpu"), 114.75, 57.375), 10)
-        return {"used": used, "running_mean": model[1].running_mean.tolist()}
-    finally:
-        cleanup_distributed()
+    generator = torch.Generator().manual_seed(10 + rank)
+    shape = (2, 3, 2, 4, 4)
+    batches = [{"clip": torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)} for _ in range(4)]
+    if rank == 1:
+        batches[1] = {"clip": None}
+    model = _bn_net().train()
+    used = update_bn_stats(model, agreed_clips(batches, torch.device("cpu"), 114.75, 57.375), 10)
+    return {"used": used, "running_mean": model[1].running_mean.tolist()}
 
 
 def precise_bn_exact_nl_i3d(args: list[str], rank: int) -> dict:
     """Precise BN of a small NL-I3D over two ranks against statistics gathered from plain forwards."""
     from test_precise_bn import captured_inputs, small_nl_i3d
 
-    setup_distributed("cpu")
-    try:
-        model = small_nl_i3d()
-        generator = torch.Generator().manual_seed(20 + rank)
-        clips = [torch.randn(2, 3, 8, 32, 32, generator=generator) for _ in range(2)]
-        inputs = captured_inputs(model, clips)  # {layer name: (N_i, C) per-channel samples of this rank}
-        update_bn_stats(model, clips, len(clips))
-        everything = all_gather_objects(inputs)
-        errors = {}
-        for name, layer in model.named_modules():
-            if name in inputs:
-                samples = torch.cat([part[name] for part in everything])
-                var, mean = torch.var_mean(samples, dim=0, correction=1)
-                errors[name] = max(
-                    (layer.running_mean.double() - mean).abs().max().item(),
-                    (layer.running_var.double() - var).abs().max().item(),
-                )
-        return {"errors": errors}
-    finally:
-        cleanup_distributed()
+    model = small_nl_i3d()
+    generator = torch.Generator().manual_seed(20 + rank)
+    clips = [torch.randn(2, 3, 8, 32, 32, generator=generator) for _ in range(2)]
+    inputs = captured_inputs(model, clips)  # {layer name: (N_i, C) per-channel samples of this rank}
+    update_bn_stats(model, clips, len(clips))
+    everything = all_gather_objects(inputs)
+    errors = {}
+    for name, layer in model.named_modules():
+        if name in inputs:
+            samples = torch.cat([part[name] for part in everything])
+            var, mean = torch.var_mean(samples, dim=0, correction=1)
+            errors[name] = max(
+                (layer.running_mean.double() - mean).abs().max().item(),
+                (layer.running_var.double() - var).abs().max().item(),
+            )
+    return {"errors": errors}
 
 
 SCENARIOS = {
     "nan_on_rank_one": nan_on_rank_one,
     "resume_choice": resume_choice,
+    "resume_choice_none": resume_choice,
     "precise_bn_with_an_empty_batch": precise_bn_with_an_empty_batch,
     "precise_bn_exact_nl_i3d": precise_bn_exact_nl_i3d,
 }
@@ -109,15 +99,19 @@ SCENARIOS = {
 def main() -> int:
     import os
 
-    scenario, out, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    out, plan = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text(encoding="utf-8"))
     rank = int(os.environ["RANK"])
-    try:
-        result, status = SCENARIOS[scenario](args, rank), 0
-    except Exception as error:
-        result = {"error": type(error).__name__, "message": str(error), "trace": traceback.format_exc()}
-        status = 1
-    (out / f"rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
-    return status
+    # One process group for every scenario: joining again after leaving one does not work under torchrun's store.
+    # ``train`` joins the existing group and leaves it at its end, so it must come last in the plan.
+    setup_distributed("cpu")
+    for scenario, args in plan:
+        try:
+            result = SCENARIOS[scenario](args, rank)
+        except Exception as error:
+            result = {"error": type(error).__name__, "message": str(error), "trace": traceback.format_exc()}
+        (out / f"{scenario}.rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
+    cleanup_distributed()
+    return 0
 
 
 if __name__ == "__main__":

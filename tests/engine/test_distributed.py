@@ -1,6 +1,7 @@
 """Two-process (gloo, CPU) runs under torchrun: every rank stops, skips and resumes together.
 
-The scenarios are in ``dist_scenarios.py``; each rank reports what it saw in ``rank<r>.json``.
+The scenarios are in ``dist_scenarios.py``. All of them run in one launch of two processes (starting interpreters
+that import torch is most of the cost), and each rank reports what it saw in ``<scenario>.rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -14,64 +15,80 @@ import pytest
 from nlnet.engine.checkpoint import checkpoint_path, save_checkpoint
 
 SCRIPT = Path(__file__).with_name("dist_scenarios.py")
-# Each run starts three interpreters that import torch: about a minute on a busy 2-core machine. The
-# single-process mechanisms are covered quickly in test_engine_fixes.py.
-pytestmark = pytest.mark.slow
 
 
-def _run(python: str, env: dict, out: Path, scenario: str, *args: str, timeout: float = 120) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    command = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
-    subprocess.run([*command, scenario, str(out), *args], env=env, capture_output=True, timeout=timeout)
-    return [json.loads((out / f"rank{rank}.json").read_text(encoding="utf-8")) for rank in (0, 1)]
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    # Ranks on machines without a shared disk: rank 0's folder has iterations 4 and 8, rank 1's only 4.
+    named = {name: root / name for name in ("run", "out", "rank0_view", "rank1_view", "empty")}
+    for folder, iterations in ((named["rank0_view"], (4, 8)), (named["rank1_view"], (4,))):
+        for iteration in iterations:
+            save_checkpoint(checkpoint_path(folder, iteration), {"iteration": iteration})
+    named["out"].mkdir()
+    return named
 
 
-def test_a_nan_loss_on_one_rank_stops_both_within_seconds(
-    tmp_path, video_set, tiny_recipe, write_recipe, child_env, python
-):
+@pytest.fixture(scope="module")
+def ranks(folders, video_set, tiny_recipe, write_recipe, child_env, python) -> dict[str, list[dict]]:
+    """{scenario: [rank 0's report, rank 1's report]} of one two-process launch."""
     # Rank 1's loss at iteration 2 is NaN, in the middle of a 3-iteration log period; rank 0's are finite.
-    # Before, rank 1 raised alone and rank 0 waited in DDP's gradient all-reduce (gloo: 30 minutes).
     recipe = tiny_recipe(
         video_set,
-        tmp_path / "run",
+        folders["run"],
         train__batch_size=4,
         train__max_iter=6,
         train__log_period=3,
         train__checkpoint_period=6,
         train__precise_bn=False,
     )
-    ranks = _run(python, child_env, tmp_path / "out", "nan_on_rank_one", str(write_recipe(tmp_path / "r.yaml", recipe)))
-    for rank in ranks:
+    recipe_file = write_recipe(folders["out"] / "recipe.yaml", recipe)
+    views = [str(folders["rank0_view"]), str(folders["rank1_view"])]
+    plan = [
+        ["resume_choice", views],
+        ["resume_choice_none", [str(folders["empty"]), views[0]]],
+        ["precise_bn_with_an_empty_batch", []],
+        ["precise_bn_exact_nl_i3d", []],
+        ["nan_on_rank_one", [str(recipe_file)]],
+    ]
+    plan_file = folders["out"] / "plan.json"
+    plan_file.write_text(json.dumps(plan), encoding="utf-8")
+    command = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
+    # Before the fix, a NaN on one rank left the other waiting in DDP's all-reduce (gloo: 30 minutes).
+    done = subprocess.run([*command, str(folders["out"]), str(plan_file)], env=child_env, capture_output=True,
+                          text=True, timeout=240)
+    reports = {}
+    for scenario, _ in plan:
+        files = [folders["out"] / f"{scenario}.rank{rank}.json" for rank in (0, 1)]
+        assert all(f.is_file() for f in files), (scenario, done.stdout[-3000:], done.stderr[-3000:])
+        reports[scenario] = [json.loads(f.read_text(encoding="utf-8")) for f in files]
+    return reports
+
+
+def test_a_nan_loss_on_one_rank_stops_both(ranks, folders):
+    for rank in ranks["nan_on_rank_one"]:
         assert rank.get("error") == "FloatingPointError", rank
         assert "iterations 1-3" in rank["message"]
-    assert not list((tmp_path / "run").glob("checkpoint_*.pt"))  # the diverged weights were never saved
+    assert not list(folders["run"].glob("checkpoint_*.pt"))  # the diverged weights were never saved
 
 
-def test_the_resume_file_is_the_one_rank_zero_sees(tmp_path, child_env, python):
-    # Ranks on machines without a shared disk: rank 0's folder has iterations 4 and 8, rank 1's only 4.
-    shared, local = tmp_path / "rank0_view", tmp_path / "rank1_view"
-    for folder, iterations in ((shared, (4, 8)), (local, (4,))):
-        for iteration in iterations:
-            save_checkpoint(checkpoint_path(folder, iteration), {"iteration": iteration})
-    ranks = _run(python, child_env, tmp_path / "out", "resume_choice", str(shared), str(local))
-    assert [rank["chosen"] for rank in ranks] == [str(checkpoint_path(shared, 8))] * 2, ranks
-    assert all(rank["fresh"].startswith("FileExistsError") for rank in ranks), ranks
-
-    empty = tmp_path / "empty"
-    ranks = _run(python, child_env, tmp_path / "out2", "resume_choice", str(empty), str(shared))
-    assert [rank["chosen"] for rank in ranks] == ["None", "None"]  # rank 0 sees none: both start afresh
-    assert [rank["fresh"] for rank in ranks] == ["allowed", "allowed"]
+def test_the_resume_file_is_the_one_rank_zero_sees(ranks, folders):
+    chosen = [rank["chosen"] for rank in ranks["resume_choice"]]
+    assert chosen == [str(checkpoint_path(folders["rank0_view"], 8))] * 2, ranks["resume_choice"]
+    assert all(rank["fresh"].startswith("FileExistsError") for rank in ranks["resume_choice"])
+    # Rank 0 sees no checkpoint (rank 1 does): both start afresh.
+    assert [rank["chosen"] for rank in ranks["resume_choice_none"]] == ["None", "None"]
+    assert [rank["fresh"] for rank in ranks["resume_choice_none"]] == ["allowed", "allowed"]
 
 
-def test_precise_bn_skips_a_batch_on_every_rank_when_one_rank_has_it_empty(tmp_path, child_env, python):
-    ranks = _run(python, child_env, tmp_path / "out", "precise_bn_with_an_empty_batch")
-    assert [rank.get("used") for rank in ranks] == [3, 3], ranks
-    assert ranks[0]["running_mean"] == ranks[1]["running_mean"]  # statistics summed over both ranks
+def test_precise_bn_skips_a_batch_on_every_rank_when_one_rank_has_it_empty(ranks):
+    reports = ranks["precise_bn_with_an_empty_batch"]
+    assert [rank.get("used") for rank in reports] == [3, 3], reports
+    assert reports[0]["running_mean"] == reports[1]["running_mean"]  # statistics summed over both ranks
 
 
-def test_precise_bn_of_nl_i3d_over_two_ranks_equals_the_moments_of_all_their_inputs(tmp_path, child_env, python):
-    ranks = _run(python, child_env, tmp_path / "out", "precise_bn_exact_nl_i3d")
-    for rank in ranks:
+def test_precise_bn_of_nl_i3d_over_two_ranks_equals_the_moments_of_all_their_inputs(ranks):
+    for rank in ranks["precise_bn_exact_nl_i3d"]:
         assert "errors" in rank, rank
         assert any(name.startswith("res3") and "nonlocal" in name for name in rank["errors"]), rank
         assert max(rank["errors"].values()) < 1e-5, rank["errors"]
