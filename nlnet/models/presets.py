@@ -12,6 +12,7 @@ inflation pattern, `res_stage_nonlocal` for the non-local positions).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 STAGES = ("res2", "res3", "res4", "res5")
@@ -142,7 +143,7 @@ def resolve_nonlocal_positions(
     if spec is None or spec == "0":
         return {}
     blocks_of = dict(zip(STAGES, stage_blocks, strict=True))
-    if isinstance(spec, dict):
+    if isinstance(spec, Mapping):  # a dict, or an OmegaConf DictConfig straight from a recipe
         return _explicit_positions(spec, blocks_of)
     if not isinstance(spec, str):
         raise ValueError(f"nonlocal_blocks must be a string, a dict or None, got {type(spec).__name__}")
@@ -177,7 +178,7 @@ def resolve_nonlocal_positions(
     return positions
 
 
-def _explicit_positions(spec: dict, blocks_of: dict[str, int]) -> dict[str, tuple[int, ...]]:
+def _explicit_positions(spec: Mapping, blocks_of: dict[str, int]) -> dict[str, tuple[int, ...]]:
     """{stage or stage number: block indices} -> {stage name: sorted indices}, every index inside its stage."""
     positions: dict[str, tuple[int, ...]] = {}
     for key, indices in spec.items():

@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from nlnet import NonLocalBlock
@@ -175,6 +176,12 @@ def test_named_layouts_keep_the_paper_positions_in_longer_stages() -> None:
     # R50's "5" layout in a res4 of 23 blocks is still the paper's res3 {1, 3}, res4 {1, 3, 5}: five blocks.
     assert _positions(_build_meta("nl_c2d_r50", stage_blocks=(3, 4, 23, 3))) == R50_FIVE
     assert _positions(_build_meta("c2d_r50", stage_blocks=(2, 2, 2, 2), nonlocal_blocks="res3")) == ["res3.0"]
+
+
+def test_a_layout_straight_from_a_recipe_is_accepted() -> None:
+    # The engine can pass a recipe's mapping as an OmegaConf DictConfig rather than a dict.
+    layout = OmegaConf.create({"res3": [1], "res4": [0, 2]})
+    assert _positions(_build_meta("c2d_r50", nonlocal_blocks=layout)) == ["res3.1", "res4.0", "res4.2"]
 
 
 def test_the_builtin_recipe_layout_builds_its_one_block() -> None:
