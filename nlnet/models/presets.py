@@ -12,6 +12,7 @@ inflation pattern, `res_stage_nonlocal` for the non-local positions).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 STAGES = ("res2", "res3", "res4", "res5")
@@ -124,9 +125,9 @@ def resolve_nonlocal_positions(
 
     Args:
         spec: None or "0" (no blocks); "1" (one block right before the last block of res4); "5" or "10"
-            (the paper's layouts, `NONLOCAL_LAYOUTS`); "res2".."res5" (one block right before the last block
-            of that stage, Table 2b); or an explicit {stage: [block indices]} with stage "res3" or 3. The
-            counts may also be ints (0, 1, 5, 10).
+            (the paper's layouts, `NONLOCAL_LAYOUTS`, at the block indices they have in the depth's standard
+            stages); "res2".."res5" (one block right before the last block of that stage, Table 2b); or an
+            explicit {stage: [block indices]} with stage "res3" or 3. The counts may also be ints (0, 1, 5, 10).
         depth: 50 or 101, picks the "5"/"10" layout.
         stage_blocks: blocks per stage res2..res5.
 
@@ -134,41 +135,69 @@ def resolve_nonlocal_positions(
         {stage name: sorted tuple of block indices}, only stages that get blocks, in stage order.
 
     Raises:
-        ValueError: on an unknown name, stage or an index outside the stage.
+        ValueError: on an unknown name or stage, or on any requested block that the stages of ``stage_blocks``
+            cannot hold: a layout always places every block it names, or none is built.
     """
     if isinstance(spec, int) and not isinstance(spec, bool):
         spec = str(spec)  # `nonlocal_blocks: 5` in YAML or on the command line is the "5" layout
     if spec is None or spec == "0":
         return {}
     blocks_of = dict(zip(STAGES, stage_blocks, strict=True))
-    if isinstance(spec, dict):
-        positions: dict[str, tuple[int, ...]] = {}
-        for key, indices in spec.items():
-            stage = f"res{key}" if isinstance(key, int) else key
-            if stage not in blocks_of:
-                raise ValueError(f"nonlocal_blocks: stage must be one of {STAGES} or 2..5, got {key!r}")
-            chosen = tuple(sorted({int(index) for index in indices}))
-            bad = [index for index in chosen if not 0 <= index < blocks_of[stage]]
-            if bad:
-                raise ValueError(
-                    f"nonlocal_blocks: {stage} has blocks 0..{blocks_of[stage] - 1}, got indices {bad}"
-                )
-            if chosen:
-                positions[stage] = chosen
-        return {stage: positions[stage] for stage in STAGES if stage in positions}
+    if isinstance(spec, Mapping):  # a dict, or an OmegaConf DictConfig straight from a recipe
+        return _explicit_positions(spec, blocks_of)
     if not isinstance(spec, str):
         raise ValueError(f"nonlocal_blocks must be a string, a dict or None, got {type(spec).__name__}")
-    if spec == "1":
-        spec = "res4"
-    if spec in blocks_of:
-        return {spec: (max(blocks_of[spec] - 2, 0),)}
+    stage = "res4" if spec == "1" else spec
+    if stage in blocks_of:
+        # "Right before the last block" needs a last block and one before it.
+        if blocks_of[stage] < 2:
+            raise ValueError(
+                f"nonlocal_blocks {spec!r} puts one block before the last block of {stage}, but {stage} has "
+                f"{blocks_of[stage]} block(s) with stage_blocks={tuple(stage_blocks)}; give {stage} at least 2 "
+                f"blocks or pass nonlocal_blocks={{{stage!r}: [0]}}"
+            )
+        return {stage: (blocks_of[stage] - 2,)}
     layouts = NONLOCAL_LAYOUTS[depth]
     if spec not in layouts:
         allowed = ["0", "1", *layouts, *STAGES]
         raise ValueError(f"nonlocal_blocks must be one of {allowed} or {{stage: [indices]}}, got {spec!r}")
-    positions = {}
-    for stage, (step, offset) in layouts[spec].items():
-        chosen = tuple(index for index in range(blocks_of[stage]) if index % step == offset)
+    # The named layouts are the paper's block positions in the standard stages of this depth; shorter stages
+    # cannot hold them, and a model named "5" must have five blocks.
+    standard = dict(zip(STAGES, STAGE_BLOCKS[depth], strict=True))
+    positions = {
+        stage: tuple(index for index in range(standard[stage]) if index % step == offset)
+        for stage, (step, offset) in layouts[spec].items()
+    }
+    for stage, indices in positions.items():
+        if indices[-1] >= blocks_of[stage]:
+            raise ValueError(
+                f"nonlocal_blocks {spec!r} puts blocks after {stage} blocks {list(indices)}, but {stage} has "
+                f"{blocks_of[stage]} block(s) with stage_blocks={tuple(stage_blocks)}; pass "
+                f"nonlocal_blocks={{stage: [indices]}} with {stage} indices in 0..{blocks_of[stage] - 1}"
+            )
+    return positions
+
+
+def _explicit_positions(spec: Mapping, blocks_of: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """{stage or stage number: block indices} -> {stage name: sorted indices}, every index inside its stage."""
+    positions: dict[str, tuple[int, ...]] = {}
+    for key, indices in spec.items():
+        stage = f"res{key}" if isinstance(key, int) else key
+        if stage not in blocks_of:
+            raise ValueError(f"nonlocal_blocks: stage must be one of {STAGES} or 2..5, got {key!r}")
+        if isinstance(indices, (int, str)):
+            raise ValueError(
+                f"nonlocal_blocks: {stage} takes a list of block indices, got {indices!r}; "
+                f"pass nonlocal_blocks={{{stage!r}: [{indices!r}]}}"
+            )
+        chosen = tuple(sorted({int(index) for index in indices}))
+        bad = [index for index in chosen if not 0 <= index < blocks_of[stage]]
+        if bad:
+            raise ValueError(
+                f"nonlocal_blocks: {stage} has blocks 0..{blocks_of[stage] - 1} ({blocks_of[stage]} block(s)), "
+                f"got indices {bad}; pass {stage} indices in 0..{blocks_of[stage] - 1} or lengthen the stage "
+                "with stage_blocks"
+            )
         if chosen:
             positions[stage] = chosen
-    return positions
+    return {stage: positions[stage] for stage in STAGES if stage in positions}

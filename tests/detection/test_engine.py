@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,6 +190,34 @@ def _tiny(tmp_path, run: str, max_iter: int) -> list[str]:
     ]
 
 
+def _smallest(tmp_path, run: str, max_iter: int) -> list[str]:
+    # `_tiny` (64-pixel images, the shapes set's smallest) with a few dozen proposals and RoI samples.
+    return [
+        *_tiny(tmp_path, run, max_iter),
+        "model.overrides.rpn_pre_nms_top_n_train=60",
+        "model.overrides.rpn_post_nms_top_n_train=30",
+        "model.overrides.rpn_pre_nms_top_n_test=30",
+        "model.overrides.rpn_post_nms_top_n_test=10",
+        "model.overrides.rpn_batch_size_per_image=32",
+        "model.overrides.box_batch_size_per_image=16",
+        "model.overrides.box_detections_per_img=5",
+    ]
+
+
+def _assert_resume_is_exact(tmp_path, options, steps: int) -> None:
+    # Train `steps` straight; train 1 step, then resume to `steps`: every weight and buffer must be equal.
+    no_eval = ["train.eval_at_end=false"]
+    engine.train(engine.load_config(None, [*options(tmp_path, "straight", steps), *no_eval]))
+    engine.train(engine.load_config(None, [*options(tmp_path, "resumed", 1), *no_eval]))
+    engine.train(engine.load_config(None, [*options(tmp_path, "resumed", steps), *no_eval]), resume=True)
+    name = f"checkpoint_{steps:08d}.pt"
+    straight = torch.load(tmp_path / "straight" / name, weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / name, weights_only=True)
+    assert straight["model"].keys() == resumed["model"].keys()
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
 def test_cli_train_then_eval_on_the_builtin_set(tmp_path, capsys) -> None:
     torch.set_num_threads(1)
     assert main(["detect", "train", *_tiny(tmp_path, "run", 2)]) == 0
@@ -215,40 +247,51 @@ def test_cli_train_then_eval_on_the_builtin_set(tmp_path, capsys) -> None:
         main(["detect", "train", *_tiny(tmp_path, "run", 2)])
 
 
+def test_resumed_training_equals_uninterrupted_at_the_smallest_size(tmp_path) -> None:
+    torch.set_num_threads(1)
+    _assert_resume_is_exact(tmp_path, _smallest, 2)
+
+
 @pytest.mark.slow
 def test_resumed_training_equals_uninterrupted(tmp_path) -> None:
     torch.set_num_threads(1)
-    no_eval = ["train.eval_at_end=false"]
-    engine.train(engine.load_config(None, [*_tiny(tmp_path, "straight", 3), *no_eval]))
-    engine.train(engine.load_config(None, [*_tiny(tmp_path, "resumed", 1), *no_eval]))
-    engine.train(engine.load_config(None, [*_tiny(tmp_path, "resumed", 3), *no_eval]), resume=True)
-    straight = torch.load(tmp_path / "straight" / "checkpoint_00000003.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "checkpoint_00000003.pt", weights_only=True)
-    for key, value in straight["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key
+    _assert_resume_is_exact(tmp_path, _tiny, 3)
+
+
+def _detection_recipes() -> Path:
+    # The shipped detection recipes, wherever the package keeps its configs folder.
+    root = Path(__file__).parents[2]
+    candidates = (root / "nlnet" / "configs" / "detection", root / "configs" / "detection")
+    return next(path for path in candidates if path.is_dir())
 
 
 def test_every_detection_recipe_loads() -> None:
-    from pathlib import Path
-
-    recipes = sorted((Path(__file__).parents[2] / "configs" / "detection").glob("*.yaml"))
+    recipes = sorted(_detection_recipes().glob("*.yaml"))
     assert len(recipes) >= 5
     for recipe in recipes:
         cfg = engine.load_config(recipe)
         assert cfg.data.task == ("keypoints" if "keypoint" in cfg.model.name else "instances")
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_train_and_evaluate(tmp_path) -> None:
-    import os
-    import subprocess
-    import sys
-
+def _torchrun_train(tmp_path, options) -> tuple[dict, list[dict]]:
+    # Two real processes (torch.distributed.run, gloo on the CPU) train 2 steps and evaluate 3 val images.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "nlnet", "detect", "train", *_tiny(tmp_path, "ddp", 2), "data.shapes_val_images=3"]
+    command += ["-m", "nlnet", "detect", "train", *options(tmp_path, "ddp", 2), "data.shapes_val_images=3"]
     subprocess.run(command, check=True, env=env, timeout=600, capture_output=True)
     result = json.loads((tmp_path / "ddp" / "results.json").read_text())
-    assert result["num_images"] == 3  # the two processes' shards of the val set, gathered
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    return result, records
+
+
+def test_torchrun_two_processes_train_and_evaluate_at_the_smallest_size(tmp_path) -> None:
+    result, records = _torchrun_train(tmp_path, _smallest)
+    assert result["num_images"] == 3  # the two processes' shards of the val set, gathered
+    assert [r["iter"] for r in records if r["event"] == "train"] == [1, 2]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_evaluate(tmp_path) -> None:
+    result, records = _torchrun_train(tmp_path, _tiny)
+    assert result["num_images"] == 3  # the two processes' shards of the val set, gathered
     assert [r["iter"] for r in records if r["event"] == "train"] == [1, 2]

@@ -49,7 +49,13 @@ def _tiny_recipe(data_root: Path, output_dir: Path, **overrides: object) -> dict
         "model": {
             "name": "nl_c2d_r50",
             "dropout": 0.5,
-            "overrides": {"stage_blocks": [1, 1, 1, 1], "base_width": 4, "clip": "8x8"},
+            "overrides": {
+                "stage_blocks": [1, 1, 1, 1],
+                "base_width": 4,
+                "clip": "8x8",
+                # The preset's "5" layout needs the paper's stage lengths; one block per stage holds one here.
+                "nonlocal_blocks": {"res3": [0]},
+            },
         },
         "data": {
             "format": "path_csv",

@@ -26,6 +26,7 @@ NUM_FRAMES, CROP = 8, 64
 SMALL_VIDEO_MODEL = [
     "model.overrides.base_width=8",
     "model.overrides.stage_blocks=[1,2,2,1]",
+    "model.overrides.nonlocal_blocks={res3: [1], res4: [1]}",
     "model.overrides.clip=8x8",
     "data.num_classes=3",
     f"data.num_frames={NUM_FRAMES}",
@@ -91,7 +92,14 @@ def test_untrained_model_by_name_and_query_dependence(tmp_path, capsys):
     assert main(["visualize", "--model", "nl_c2d_r50", "--video", str(video), "--query-dependence",
                  "--num-clips", "2", "--num-queries", "16", "--out", str(out), *SMALL_VIDEO_MODEL]) == 0
     distances = json.loads(out.read_text())
-    model = create("nl_c2d_r50", num_classes=3, base_width=8, stage_blocks=[1, 2, 2, 1], clip="8x8")
+    model = create(
+        "nl_c2d_r50",
+        num_classes=3,
+        base_width=8,
+        stage_blocks=[1, 2, 2, 1],
+        clip="8x8",
+        nonlocal_blocks={"res3": [1], "res4": [1]},
+    )
     assert list(distances) == list(nonlocal_blocks(model))
     assert all(0.0 <= d <= 2.0 for d in distances.values())
     printed = capsys.readouterr().out
