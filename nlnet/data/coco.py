@@ -19,7 +19,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import random
 import warnings
 from collections import Counter
@@ -33,6 +32,8 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+
+from nlnet.utils.io import atomic_write
 
 __all__ = [
     "CocoDetection",
@@ -471,9 +472,7 @@ def make_shapes_coco(
         "annotations": annotations,
         "categories": categories,
     }
-    tmp = annotation_file.with_name(f".{annotation_file.name}.tmp")
-    tmp.write_text(json.dumps(dataset))
-    os.replace(tmp, annotation_file)
+    atomic_write(annotation_file, lambda handle: handle.write(json.dumps(dataset).encode()))
     return image_dir, annotation_file
 
 
