@@ -38,7 +38,6 @@ LONG_MODULES: dict[str, str] = {
     "engine/detection.py": "the whole detection task (recipe, model, loop, COCOeval); not yet split",
 }
 LONG_FUNCTIONS: dict[tuple[str, str], str] = {
-    ("data/coco.py", "make_shapes_coco"): "draws and annotates each image in one pass over a shared RNG",
     ("engine/detection.py", "_train"): "the detection loop; to be split like engine/train.py's _Run",
     ("engine/detection.py", "measure_cost"): "one timed forward/backward per setting; not yet split",
     ("models/detection.py", "create"): "the torchvision detector, its NL blocks and weights; not yet split",
