@@ -350,7 +350,7 @@ def _cmd_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     def run(args: argparse.Namespace) -> int:
-        from nlnet.engine.builtin import demo
+        from nlnet.experiments import demo
 
         demo(args.out_dir, overrides=args.overrides, device=args.device, figure=not args.no_figure)
         return 0
@@ -379,7 +379,8 @@ def _cmd_ablate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     def run(args: argparse.Namespace) -> int:
-        from nlnet.engine.builtin import DEFAULT_CONFIG, ablate
+        from nlnet.engine.builtin import DEFAULT_CONFIG
+        from nlnet.experiments import ablate
 
         ablate(
             args.out,

@@ -368,6 +368,8 @@ def write_builtin(
     if target.is_dir():
         return target
     parent.mkdir(parents=True, exist_ok=True)
+    # A whole folder appears at once: its files are written into a private staging folder that one rename
+    # publishes, so no file inside needs an atomic write of its own (nlnet.utils.io handles single files).
     staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=parent))
     try:
         for split, count in (("train", num_train), ("test", num_test)):

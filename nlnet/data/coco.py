@@ -19,7 +19,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import random
 import warnings
 from collections import Counter
@@ -33,6 +32,8 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+
+from nlnet.utils.io import atomic_write
 
 __all__ = [
     "CocoDetection",
@@ -418,64 +419,75 @@ def make_shapes_coco(
     images, annotations = [], []
     for image_index in range(num_images):
         width, height = rng.randint(low, high), rng.randint(low, high)
-        canvas = _background(rng, width, height)
-        draw = ImageDraw.Draw(canvas)
-        placed: list[tuple[float, float, float]] = []
-        for _ in range(rng.randint(1, max_objects)):
-            spot = _free_spot(rng, width, height, placed)
-            if spot is None:
-                break
-            cx, cy, radius = spot
-            placed.append(spot)
-            colour = tuple(rng.randint(40, 255) for _ in range(3))
-            if task == "instances":
-                shape = rng.choice(_SHAPES)
-                polygon = _shape_polygon(rng, shape, cx, cy, radius)
-                category_id, keypoints = _SHAPES.index(shape) + 1, None
-            else:
-                polygon = _kite_polygon(rng, cx, cy, radius)
-                category_id, keypoints = 1, polygon
-            draw.polygon(polygon, fill=colour)
-            if keypoints is not None:
-                for x, y in keypoints:
-                    draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=(20, 20, 20))
-            annotations.append(
-                _annotation(len(annotations) + 1, image_index + 1, category_id, polygon, keypoints)
-            )
-        if task == "keypoints":
-            # distractors the detector must learn to ignore
-            for _ in range(rng.randint(0, 2)):
-                spot = _free_spot(rng, width, height, placed)
-                if spot is not None:
-                    placed.append(spot)
-                    circle = _shape_polygon(rng, "circle", *spot)
-                    draw.polygon(circle, fill=tuple(rng.randint(40, 255) for _ in range(3)))
+        canvas = _draw_image(rng, task, width, height, max_objects, image_index + 1, annotations)
         file_name = f"{image_index:06d}.png"
         canvas.save(image_dir / file_name)
         images.append({"id": image_index + 1, "file_name": file_name, "width": width, "height": height})
-    if task == "instances":
-        categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(_SHAPES)]
-    else:
-        categories = [
-            {
-                "id": 1,
-                "name": "kite",
-                "supercategory": "shape",
-                "keypoints": list(_KITE_KEYPOINTS),
-                "skeleton": [[1, 2], [2, 3], [3, 4], [4, 1]],
-            }
-        ]
     dataset = {
         "info": {"description": "nlnet built-in shapes", "generator": params},
         "images": images,
         "annotations": annotations,
-        "categories": categories,
+        "categories": _categories(task),
     }
-    tmp = annotation_file.with_name(f".{annotation_file.name}.tmp")
-    tmp.write_text(json.dumps(dataset))
-    os.replace(tmp, annotation_file)
+    atomic_write(annotation_file, lambda handle: handle.write(json.dumps(dataset).encode()))
     return image_dir, annotation_file
 
+
+
+def _categories(task: str) -> list[dict[str, Any]]:
+    if task == "instances":
+        return [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(_SHAPES)]
+    return [
+        {
+            "id": 1,
+            "name": "kite",
+            "supercategory": "shape",
+            "keypoints": list(_KITE_KEYPOINTS),
+            "skeleton": [[1, 2], [2, 3], [3, 4], [4, 1]],
+        }
+    ]
+
+def _draw_image(
+    rng: random.Random,
+    task: str,
+    width: int,
+    height: int,
+    max_objects: int,
+    image_id: int,
+    annotations: list[dict[str, Any]],
+) -> Image.Image:
+    """Draws one image of `make_shapes_coco` and appends its objects' annotations to ``annotations``."""
+    canvas = _background(rng, width, height)
+    draw = ImageDraw.Draw(canvas)
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(rng.randint(1, max_objects)):
+        spot = _free_spot(rng, width, height, placed)
+        if spot is None:
+            break
+        cx, cy, radius = spot
+        placed.append(spot)
+        colour = tuple(rng.randint(40, 255) for _ in range(3))
+        if task == "instances":
+            shape = rng.choice(_SHAPES)
+            polygon = _shape_polygon(rng, shape, cx, cy, radius)
+            category_id, keypoints = _SHAPES.index(shape) + 1, None
+        else:
+            polygon = _kite_polygon(rng, cx, cy, radius)
+            category_id, keypoints = 1, polygon
+        draw.polygon(polygon, fill=colour)
+        if keypoints is not None:
+            for x, y in keypoints:
+                draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=(20, 20, 20))
+        annotations.append(_annotation(len(annotations) + 1, image_id, category_id, polygon, keypoints))
+    if task == "keypoints":
+        # distractors the detector must learn to ignore
+        for _ in range(rng.randint(0, 2)):
+            spot = _free_spot(rng, width, height, placed)
+            if spot is not None:
+                placed.append(spot)
+                circle = _shape_polygon(rng, "circle", *spot)
+                draw.polygon(circle, fill=tuple(rng.randint(40, 255) for _ in range(3)))
+    return canvas
 
 def _background(rng: random.Random, width: int, height: int) -> Image.Image:
     base = np.array([rng.randint(0, 90) for _ in range(3)], dtype=np.float32)

@@ -8,10 +8,8 @@ pickles, which is why the NumPy and Python RNG states are stored as tensors and 
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from nlnet.engine.distributed import broadcast_object
+from nlnet.utils.io import atomic_write
 
 __all__ = [
     "checkpoint_path",
@@ -46,24 +45,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         path: destination file; its directory is created if needed.
         state: tensors, numbers, strings and nested lists/tuples/dicts of them (what weights_only loads).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    # The rename itself is durable only once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

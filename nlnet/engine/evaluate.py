@@ -28,6 +28,7 @@ from nlnet.data.transforms import normalize_clips
 from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.distributed import DistContext, all_gather_objects, cleanup_distributed, setup_distributed
 from nlnet.engine.sampler import ResumableSampler
+from nlnet.utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -349,10 +350,7 @@ def test(
                 "skipped": result.skipped,
                 "videos": videos,
             }
-            output.parent.mkdir(parents=True, exist_ok=True)
-            tmp = output.with_name(f".{output.name}.tmp")
-            tmp.write_text(json.dumps(document, indent=1), encoding="utf-8")
-            tmp.replace(output)
+            atomic_write(output, lambda handle: handle.write(json.dumps(document, indent=1).encode("utf-8")))
         return {"metrics": metrics, "skipped": result.skipped, "output": str(output)}
     finally:
         cleanup_distributed()

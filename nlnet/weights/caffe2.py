@@ -18,14 +18,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from nlnet.utils.io import atomic_write
 from nlnet.weights.inflate import LoadReport, inflate_kernel
 
 # Training state that Caffe2 saves next to the weights; never model tensors.
@@ -227,19 +226,6 @@ def load_blobs(model: nn.Module, blobs: Mapping[str, np.ndarray]) -> LoadReport:
     return report
 
 
-def _atomic_write(path: str | os.PathLike, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def convert_caffe2(
     in_path: str | os.PathLike, out_path: str | os.PathLike, model: str, **overrides
 ) -> LoadReport:
@@ -286,7 +272,7 @@ def convert_caffe2(
         "overrides": overrides,
         "missing": list(report.missing),
     }
-    _atomic_write(out_path, lambda stream: torch.save(payload, stream))
+    atomic_write(out_path, lambda stream: torch.save(payload, stream))
     return report
 
 
@@ -343,5 +329,5 @@ def export_caffe2(
         if name is None:
             raise ValueError(f"{key} has no Caffe2 blob name; the official models have no such tensor")
         blobs[name] = tensor.detach().cpu().float().numpy().copy()
-    _atomic_write(out_path, lambda stream: pickle.dump({"blobs": blobs}, stream, protocol=4))
+    atomic_write(out_path, lambda stream: pickle.dump({"blobs": blobs}, stream, protocol=4))
     return list(blobs)

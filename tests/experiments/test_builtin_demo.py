@@ -1,4 +1,4 @@
-"""The built-in data set through the engine: recipe resolution, `demo` and `ablate` end to end at toy size.
+"""The studies on the built-in set: `demo` and `ablate` end to end at toy size.
 
 Everything is real: the set is generated as H.264 mp4 files, decoded with PyAV, trained with the engine's
 loop and tested with its multi-view protocol; only the sizes are tiny (16 training clips, 2 iterations).
@@ -11,9 +11,7 @@ import json
 import pytest
 import torch
 
-from nlnet.data.builtin import SHAPES
-from nlnet.engine.builtin import ABLATION_AXES, ablate, demo, resolve_builtin
-from nlnet.engine.config import load_config
+from nlnet.experiments import ABLATION_AXES, ablate, demo
 
 TOY = [
     "data.builtin.num_train=16",
@@ -30,20 +28,6 @@ TOY = [
 @pytest.fixture
 def toy(tmp_path):
     return [*TOY, f"data.builtin.cache_dir={tmp_path / 'cache'}"]
-
-
-def test_recipe_resolves_to_the_generated_set(tmp_path, toy):
-    cfg = resolve_builtin(load_config("configs/builtin_nl_c2d.yaml", toy))
-    folder = tmp_path / "cache"
-    assert cfg.data.format == "path_csv"
-    assert cfg.data.root.startswith(str(folder)) and cfg.data.num_classes == len(SHAPES)
-    assert list(cfg.data.class_names) == list(SHAPES)
-    rows = open(cfg.data.train_list).read().splitlines()
-    assert rows[0] == "path,label" and len(rows) == 1 + 16
-    assert len(open(cfg.data.test_list).read().splitlines()) == 1 + 8
-    # Resolving again finds the same cached folder; other formats pass through untouched.
-    assert resolve_builtin(load_config("configs/builtin_nl_c2d.yaml", toy)).data.root == cfg.data.root
-    assert resolve_builtin(load_config(None)).data.format == "kinetics_csv"
 
 
 def test_demo_and_ablation_end_to_end(tmp_path, toy, capsys):
