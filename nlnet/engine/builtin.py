@@ -81,12 +81,9 @@ def _set_threads(cfg: DictConfig, device: str | None) -> None:
 
 
 def _count_parameters(cfg: DictConfig) -> int:
-    from nlnet.engine.train import build_model
+    from nlnet.engine.build import build_network
 
-    model_cfg = cfg.model.copy()
-    model_cfg.checkpoint = None
-    model_cfg.pretrained_2d = None
-    return sum(p.numel() for p in build_model(model_cfg).parameters())
+    return sum(p.numel() for p in build_network(cfg.model).parameters())
 
 
 def _train_and_test(cfg: DictConfig, device: str | None) -> dict[str, Any]:
