@@ -187,7 +187,7 @@ def _cmd_info(subparsers: argparse._SubParsersAction) -> None:
             print(describe(args.name, args.num_classes, shape, **overrides).summary())
             return 0
         print(f"{'model':<16}{'params':>10}{'GMACs':>9}{'NL':>4}")
-        for name in available():
+        for name in available("video"):
             info = describe(name, args.num_classes, shape, **overrides)
             blocks = len(info.nonlocal_inputs)
             print(f"{name:<16}{info.params / 1e6:>9.2f}M{info.macs / 1e9:>9.2f}{blocks:>4}")

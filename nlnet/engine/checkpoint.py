@@ -20,6 +20,7 @@ from nlnet.engine.distributed import broadcast_object
 from nlnet.utils.io import atomic_write
 
 __all__ = [
+    "DETECTION_CHECKPOINT_FORMAT",
     "checkpoint_path",
     "get_rng_state",
     "latest_checkpoint",
@@ -29,6 +30,10 @@ __all__ = [
     "save_checkpoint",
     "set_rng_state",
 ]
+
+# The ``format`` entry of a detection training checkpoint (``nlnet.engine.detection``): it tells a detector's
+# checkpoint from a video model's wherever one is read.
+DETECTION_CHECKPOINT_FORMAT = "nlnet-detection-1"
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
 

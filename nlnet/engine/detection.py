@@ -35,7 +35,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nlnet.data.coco import CocoDetection, collate_detection, make_shapes_coco
+from nlnet.engine.build import build_model, read_detector_state_dict
 from nlnet.engine.checkpoint import (
+    DETECTION_CHECKPOINT_FORMAT,
     checkpoint_path,
     get_rng_state,
     latest_checkpoint,
@@ -66,7 +68,6 @@ __all__ = [
     "STAT_NAMES",
     "WarmupStepSchedule",
     "build_datasets",
-    "build_model",
     "coco_evaluate",
     "evaluate",
     "evaluate_checkpoint",
@@ -76,7 +77,7 @@ __all__ = [
     "train",
 ]
 
-CHECKPOINT_FORMAT = "nlnet-detection-1"
+CHECKPOINT_FORMAT = DETECTION_CHECKPOINT_FORMAT
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -270,55 +271,6 @@ def build_datasets(data_cfg: DictConfig) -> tuple[CocoDetection, CocoDetection]:
             f"train and val categories differ: {train_set.category_ids} vs {val_set.category_ids}"
         )
     return train_set, val_set
-
-
-def build_model(model_cfg: DictConfig, dataset: CocoDetection) -> nn.Module:
-    """The recipe's detector, sized for ``dataset``, with any torchvision weight files loaded.
-
-    Weight files are read with ``torch.load(weights_only=True)``; the non-local blocks they lack keep their
-    identity initialisation (logged).
-    """
-    kwargs = dict(OmegaConf.to_container(model_cfg.overrides, resolve=True))
-    if dataset.task == "keypoints":
-        kwargs.setdefault("num_keypoints", len(dataset.keypoint_names))
-    model = detection_models.create(
-        model_cfg.name,
-        num_classes=dataset.num_classes,
-        nonlocal_backbone=bool(model_cfg.nonlocal_backbone),
-        nonlocal_head=model_cfg.nonlocal_head,
-        nonlocal_mode=model_cfg.nonlocal_mode,
-        frozen_bn=bool(model_cfg.frozen_bn),
-        trainable_backbone_layers=model_cfg.trainable_backbone_layers,
-        **kwargs,
-    )
-    if model_cfg.weights_backbone is not None:
-        report = detection_models.load_backbone_state_dict(
-            model, _read_state_dict(model_cfg.weights_backbone)
-        )
-        logger.info(
-            "backbone weights from %s; at init: %s", model_cfg.weights_backbone, report.missing_nonlocal
-        )
-    if model_cfg.weights is not None:
-        report = detection_models.load_detector_state_dict(
-            model, _read_state_dict(model_cfg.weights), skip_mismatched=bool(model_cfg.skip_mismatched)
-        )
-        logger.info(
-            "detector weights from %s; non-local keys at init: %d, skipped for shape: %s",
-            model_cfg.weights,
-            len(report.missing_nonlocal),
-            report.skipped_mismatched,
-        )
-    return model
-
-
-def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file: a bare ``state_dict()`` or an nlnet detection checkpoint's ``model``."""
-    state = load_checkpoint(path)
-    if state.get("format") == CHECKPOINT_FORMAT:
-        state = state["model"]
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors or an nlnet detection checkpoint")
-    return state
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -551,7 +503,7 @@ def evaluate_checkpoint(
         model_cfg.weights = model_cfg.weights_backbone = None
         model = build_model(model_cfg, val_set)
         # strict but for non-local blocks, so a model trained without them can be scored with them (identity)
-        report = detection_models.load_detector_state_dict(model, _read_state_dict(checkpoint))
+        report = detection_models.load_detector_state_dict(model, read_detector_state_dict(checkpoint))
         if report.missing_nonlocal:
             logger.info("%s has no non-local blocks; they stay the identity", checkpoint)
         model.to(ctx.device)

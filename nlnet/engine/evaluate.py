@@ -25,6 +25,7 @@ from sklearn.metrics import average_precision_score
 from torch import nn
 
 from nlnet.data.transforms import normalize_clips
+from nlnet.engine.build import build_network, load_model_weights
 from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.distributed import DistContext, all_gather_objects, cleanup_distributed, setup_distributed
 from nlnet.engine.sampler import ResumableSampler
@@ -291,15 +292,10 @@ def test(
     Returns:
         {"metrics": {...}, "skipped": [...], "output": path of the JSON}.
     """
-    from nlnet.engine.train import build_model, load_model_weights
-
     cfg = resolve_builtin(cfg)
     ctx = setup_distributed(device)
     try:
-        model_cfg = cfg.model.copy()
-        model_cfg.pretrained_2d = None
-        model_cfg.checkpoint = None
-        model = build_model(model_cfg)
+        model = build_network(cfg.model)
         report = load_model_weights(model, checkpoint)
         if report["missing"] or report["shape_mismatch"]:
             raise ValueError(

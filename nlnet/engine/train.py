@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nlnet.data.transforms import normalize_clips
+from nlnet.engine.build import build_model
 from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.checkpoint import (
     checkpoint_path,
@@ -60,9 +61,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "build_model",
     "freeze_batchnorm",
-    "load_model_weights",
     "set_train_mode",
     "train",
 ]
@@ -96,63 +95,6 @@ def set_train_mode(model: nn.Module, frozen_bn: bool) -> None:
         for m in model.modules():
             if isinstance(m, _BatchNorm):
                 m.eval()
-
-
-def load_model_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Initialises ``model`` from an nlnet training checkpoint, a converted official model or a state dict.
-
-    Tensors whose name is missing from the file, or whose shape differs (a 400-way classifier loaded into a
-    157-way model), keep their initial values; both are reported. Official Caffe2 ``.pkl`` files are first
-    converted with ``nlnet.weights.caffe2.convert_caffe2`` (its ``state_dict`` entry is what is read here).
-
-    Returns:
-        {"loaded": [...], "missing": [...], "shape_mismatch": [...], "unexpected": [...]} parameter names.
-    """
-    path = Path(path)
-    if path.suffix == ".pkl":
-        raise ValueError(
-            f"{path}: Caffe2 .pkl files are not loaded directly; convert them with "
-            "nlnet.weights.caffe2.convert_caffe2 and set model.checkpoint to the converted .pt file"
-        )
-    state = load_checkpoint(path)
-    for key in ("model", "state_dict"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (or a checkpoint with a 'model' entry)")
-    own = model.state_dict()
-    compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    report = {
-        "loaded": sorted(compatible),
-        "missing": sorted(k for k in own if k not in state),
-        "shape_mismatch": sorted(k for k in state if k in own and own[k].shape != state[k].shape),
-        "unexpected": sorted(k for k in state if k not in own),
-    }
-    if not compatible:
-        raise ValueError(f"{path}: no tensor matches the model by name and shape")
-    model.load_state_dict(compatible, strict=False)
-    for key in ("missing", "shape_mismatch", "unexpected"):
-        if report[key]:
-            logger.warning("%s: %d %s tensors, e.g. %s", path, len(report[key]), key, report[key][:5])
-    return report
-
-
-def build_model(model_cfg: DictConfig) -> nn.Module:
-    """The network of ``model_cfg`` (``nlnet.models.create`` plus the optional starting checkpoint)."""
-    from nlnet.models import create
-
-    overrides = OmegaConf.to_container(model_cfg.overrides, resolve=True)
-    model = create(
-        model_cfg.name,
-        num_classes=int(model_cfg.num_classes),
-        dropout=float(model_cfg.dropout),
-        pretrained_2d=model_cfg.pretrained_2d,
-        **overrides,
-    )
-    if model_cfg.checkpoint:
-        load_model_weights(model, model_cfg.checkpoint)
-    return model
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:

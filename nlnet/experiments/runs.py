@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from nlnet.engine.build import build_network
 from nlnet.engine.evaluate import test
-from nlnet.engine.train import build_model, train
+from nlnet.engine.train import train
 
 __all__ = ["set_threads", "train_and_test"]
 
@@ -24,11 +25,8 @@ def set_threads(cfg: DictConfig, device: str | None) -> None:
 
 
 def _count_parameters(cfg: DictConfig) -> int:
-    model_cfg = cfg.model.copy()
     # Counting needs the architecture only: no weights are read from disk.
-    model_cfg.checkpoint = None
-    model_cfg.pretrained_2d = None
-    return sum(p.numel() for p in build_model(model_cfg).parameters())
+    return sum(p.numel() for p in build_network(cfg.model).parameters())
 
 
 def train_and_test(cfg: DictConfig, device: str | None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The paper's video networks: C2D / I3D ResNet-50/101 with non-local blocks, built from presets."""
+"""The paper's networks, one registry: C2D / I3D ResNet-50/101 video models from presets, and the §6 detectors."""
 
 from nlnet.models.registry import available, create, describe, nonlocal_blocks
 from nlnet.models.resnet3d import ResNet3d

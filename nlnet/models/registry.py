@@ -1,9 +1,11 @@
-"""`create(name, **overrides)` and `available()`: the one builder that turns a preset row into a network."""
+"""`create(name, **overrides)` and `available()`: the one registry of video models and detectors.
+
+Video models are built here from a preset row; detector names are ``nlnet.models.detection``'s presets, and
+`create` hands them to that family's builder, ``nlnet.models.detection.create``.
+"""
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -13,10 +15,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nlnet.layers import NonLocalBlock
 from nlnet.layers.nonlocal_block import EXTENTS, MODES
+from nlnet.models import detection
 from nlnet.models.presets import CLIPS, INFLATIONS, PRESETS, STAGE_BLOCKS, STAGES, resolve_nonlocal_positions
 from nlnet.models.resnet3d import ResNet3d
 
-logger = logging.getLogger(__name__)
+FAMILIES = ("video", "detection")
 
 _DEFAULTS = {
     "stage_blocks": None,
@@ -29,22 +32,32 @@ _DEFAULTS = {
     "nonlocal_temporal_groups": None,
     "clip": "32x2",
     "dropout": 0.5,
-    "pretrained_2d": None,
 }
 
 
-def available() -> list[str]:
-    """Names accepted by `create`, sorted."""
-    return sorted(PRESETS)
+def available(family: str | None = None) -> list[str]:
+    """Names accepted by `create`, sorted: every model, or those of one of `FAMILIES`."""
+    if family is None:
+        return sorted([*PRESETS, *detection.available()])
+    if family == "video":
+        return sorted(PRESETS)
+    if family == "detection":
+        return detection.available()
+    raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
 
 
-def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
-    """Build one of the paper's video models.
+def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
+    """Build one of the paper's video models or detectors.
+
+    Detectors (``available("detection")``) are built by ``nlnet.models.detection.create``, which documents
+    their arguments; ``num_classes`` None is then torchvision's default. The rest of this documents the
+    video models (``available("video")``).
 
     Args:
         name: one of `available()`: c2d_r50, c2d_r101, i3d_r50, i3d_r101 (I3D3x1x1), i3d3x3x3_r50,
-            i3d3x3x3_r101, nl_c2d_r50, nl_c2d_r101, nl_i3d_r50, nl_i3d_r101 (5 non-local blocks).
-        num_classes: classifier outputs (400 for Kinetics-400).
+            i3d3x3x3_r101, nl_c2d_r50, nl_c2d_r101, nl_i3d_r50, nl_i3d_r101 (5 non-local blocks), or a
+            detector.
+        num_classes: classifier outputs (None: 400, for Kinetics-400).
         **overrides: any of
             stage_blocks: blocks per res2..res5 (default from the depth: (3, 4, 6, 3) or (3, 4, 23, 3)).
             base_width: stem width, stage widths scale with it (default 64).
@@ -58,7 +71,8 @@ def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
                 official frozen-BN long-clip (128x1, 32x4) models do at res3 ({"res3": 4}); default None.
             clip: "32x2" (default, the paper's stem) or "8x8" (temporal stride 1 stem).
             dropout: dropout before the classifier (default 0.5).
-            pretrained_2d: path to a torchvision-format 2D ResNet state dict to inflate into the model.
+            ImageNet weights are not an override: models read no files, and
+            ``nlnet.weights.create_pretrained(name, path, ...)`` builds a model with them inflated.
 
     Returns:
         The network in training mode; forward (B, 3, T, H, W) -> (B, num_classes).
@@ -66,6 +80,17 @@ def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
     Raises:
         ValueError: on an unknown name, override or override value.
     """
+    if name in detection.available():
+        return detection.create(name, num_classes, **overrides)
+    if "pretrained_2d" in overrides:
+        raise ValueError(
+            "nlnet.models.create reads no files and takes no pretrained_2d; use "
+            "nlnet.weights.create_pretrained(name, path, ...) or nlnet.weights.load_2d(model, path)"
+        )
+    return _create_video_model(name, 400 if num_classes is None else num_classes, **overrides)
+
+
+def _create_video_model(name: str, num_classes: int, **overrides) -> ResNet3d:
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
     unknown = sorted(set(overrides) - set(_DEFAULTS))
@@ -107,7 +132,7 @@ def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
             raise ValueError(f"nonlocal_temporal_groups must map stages {STAGES} to positive ints, got {given!r}")
     layout = preset.nonlocal_blocks if options["nonlocal_blocks"] == "preset" else options["nonlocal_blocks"]
     inflation = INFLATIONS[preset.inflation]
-    model = ResNet3d(
+    return ResNet3d(
         stage_blocks=stage_blocks,
         base_width=int(options["base_width"]),
         stem_kernel=inflation.stem,
@@ -128,15 +153,6 @@ def create(name: str, num_classes: int = 400, **overrides) -> ResNet3d:
         num_classes=int(num_classes),
         dropout=float(options["dropout"]),
     )
-    if options["pretrained_2d"] is not None:
-        from nlnet.weights.inflate import load_2d
-
-        report = load_2d(model, os.fspath(options["pretrained_2d"]))
-        # Non-local blocks and the new classifier have no 2D counterpart; anything else missing is a surprise.
-        surprising = [key for key in report.missing if ".nonlocal_block." not in key and not key.startswith("head.")]
-        level = logging.WARNING if surprising else logging.INFO
-        logger.log(level, "%s from %s: %s", name, options["pretrained_2d"], report.summary())
-    return model
 
 
 def nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
@@ -199,7 +215,7 @@ def describe(
     for R101 on a 32 x 224 x 224 clip; `torch.utils.flop_counter.FlopCounterMode` counts the FLOPs.
 
     Args:
-        name: a name from `available()`.
+        name: a video model's name from `available("video")`.
         num_classes: classifier outputs.
         input_shape: (C, T, H, W) of one clip; batch 1.
         **overrides: as for `create`, except pretrained_2d.
@@ -209,6 +225,8 @@ def describe(
     """
     if overrides.get("pretrained_2d") is not None:
         raise ValueError("describe counts an uninitialised model; pretrained_2d makes no difference to it")
+    if name in detection.available():
+        raise ValueError(f"describe counts video models; {name!r} is a detector")
     inputs: dict[str, tuple[int, ...]] = {}
     # Fake tensors carry shapes and the real device (so the same kernels are dispatched as on the CPU) but no
     # data: nothing is allocated or computed.

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from nlnet.utils.io import atomic_write
-from nlnet.weights.inflate import LoadReport, inflate_kernel
+from nlnet.weights.inflate import LoadReport, inflate_kernel, is_state_dict
 
 # Training state that Caffe2 saves next to the weights; never model tensors.
 _SKIPPED_NAMES = ("lr", "model_iter")
@@ -319,7 +319,7 @@ def export_caffe2(
         state = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if not is_state_dict(state):
             raise ValueError(f"{os.fspath(source)}: expected a state dict or a checkpoint with 'model'")
     blobs: dict[str, np.ndarray] = {}
     for key, tensor in state.items():

@@ -10,6 +10,7 @@ The 2D source is a torchvision-format ResNet state dict (``conv1``, ``bn1``, ``l
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -17,6 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from nlnet.models import create
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +51,11 @@ class LoadReport:
         lines.extend(f"  {name}" for name in self.unexpected)
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def is_state_dict(obj: object) -> bool:
+    """True for a mapping of names to tensors, what ``module.state_dict()`` returns."""
+    return isinstance(obj, Mapping) and all(isinstance(value, torch.Tensor) for value in obj.values())
 
 
 def inflate_kernel(weight: torch.Tensor, shape: torch.Size | tuple[int, ...], name: str = "") -> torch.Tensor:
@@ -109,7 +119,7 @@ def load_2d(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Ten
         state = source
     else:
         state = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+    if not is_state_dict(state):
         raise ValueError(f"expected a torchvision-format state dict (name -> tensor) in {source!r}")
     targets = model.state_dict()
     report = LoadReport()
@@ -130,3 +140,24 @@ def load_2d(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Ten
     if any(key.startswith("fc.") for key in report.unexpected):
         report.notes.append("the 2D classifier (fc.*) is not used: the video head keeps its N(0, 0.01) init")
     return report
+
+
+def create_pretrained(name: str, path: str | os.PathLike, num_classes: int = 400, **overrides) -> nn.Module:
+    """``nlnet.models.create(name, num_classes, **overrides)`` initialised from a 2D ImageNet ResNet.
+
+    Args:
+        name: a video model name from ``nlnet.models.available("video")``.
+        path: a torchvision-format 2D ResNet state-dict file (see :func:`load_2d`).
+        num_classes: classifier outputs.
+        **overrides: as for ``nlnet.models.create``.
+
+    Returns:
+        The network in training mode; forward (B, 3, T, H, W) -> (B, num_classes).
+    """
+    model = create(name, num_classes, **overrides)
+    report = load_2d(model, os.fspath(path))
+    # Non-local blocks and the new classifier have no 2D counterpart; anything else missing is a surprise.
+    surprising = [key for key in report.missing if ".nonlocal_block." not in key and not key.startswith("head.")]
+    level = logging.WARNING if surprising else logging.INFO
+    logger.log(level, "%s from %s: %s", name, path, report.summary())
+    return model

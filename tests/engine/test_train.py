@@ -22,10 +22,9 @@ from omegaconf import OmegaConf
 from nlnet.cli import main
 from nlnet.data import AnnotationError, build_dataset
 from nlnet.engine.checkpoint import checkpoint_path, latest_checkpoint
-from nlnet.engine.config import complete_config
 from nlnet.engine.evaluate import test as run_test
 from nlnet.engine.evaluate import top_k_accuracy
-from nlnet.engine.train import build_model, load_model_weights, train
+from nlnet.engine.train import train
 from nlnet.models import create
 
 
@@ -273,40 +272,6 @@ def test_guards(tmp_path, video_set, tiny_recipe):
         train(cfg, resume=True)
 
 
-def test_starting_weights_with_a_different_classifier(tmp_path, tiny_recipe, video_set):
-    recipe = complete_config(tiny_recipe(video_set, tmp_path))
-    source = build_model(recipe.model)
-    torch.save({"model": source.state_dict()}, tmp_path / "kinetics.pt")
-    recipe.model.num_classes = 5
-    target = build_model(recipe.model)
-    report = load_model_weights(target, tmp_path / "kinetics.pt")
-    assert report["shape_mismatch"] == ["head.fc.bias", "head.fc.weight"]
-    assert not report["missing"] and not report["unexpected"]
-    assert torch.equal(target.state_dict()["stem.conv.weight"], source.state_dict()["stem.conv.weight"])
-    with pytest.raises(ValueError, match="convert_caffe2"):
-        load_model_weights(target, tmp_path / "official.pkl")
-
-
-def test_recipe_inflates_imagenet_weights_from_model_pretrained_2d(tmp_path, tiny_recipe, video_set):
-    from torchvision.models.resnet import Bottleneck, ResNet
-
-    torch.manual_seed(0)
-    imagenet = ResNet(Bottleneck, [1, 1, 1, 1]).state_dict()  # torchvision layout, 1 block per stage
-    torch.save(imagenet, tmp_path / "resnet_imagenet.pth")
-    recipe = complete_config(
-        tiny_recipe(
-            video_set,
-            tmp_path,
-            model__name="i3d_r50",
-            model__pretrained_2d=str(tmp_path / "resnet_imagenet.pth"),
-            model__overrides__base_width=64,
-        )
-    )
-    stem = build_model(recipe.model).state_dict()["stem.conv.weight"]  # (64, 3, 5, 7, 7), I3D stem
-    expected = imagenet["conv1.weight"].unsqueeze(2).repeat(1, 1, 5, 1, 1) / 5
-    torch.testing.assert_close(stem, expected)
-
-
 def test_mixed_precision_runs_the_forward_pass_in_low_precision(tmp_path, video_set, tiny_recipe, one_thread):
     first_loss = {}
     for amp in (None, "bf16", "fp16"):
@@ -322,19 +287,3 @@ def test_mixed_precision_runs_the_forward_pass_in_low_precision(tmp_path, video_
     for amp in ("bf16", "fp16"):
         assert first_loss[amp] != first_loss[None]
         assert first_loss[amp] == pytest.approx(first_loss[None], rel=0.05)
-
-
-def test_recipe_starts_from_a_converted_official_checkpoint(tmp_path, tiny_recipe, video_set):
-    from nlnet.weights.caffe2 import convert_caffe2, export_caffe2
-
-    recipe = complete_config(tiny_recipe(video_set, tmp_path))
-    source = build_model(recipe.model)
-    overrides = OmegaConf.to_container(recipe.model.overrides)
-    export_caffe2(source, tmp_path / "official.pkl")  # the official Caffe2 blob layout
-    convert_caffe2(tmp_path / "official.pkl", tmp_path / "converted.pt", recipe.model.name, **overrides)
-    recipe.model.checkpoint = str(tmp_path / "converted.pt")
-    torch.manual_seed(1)  # a different initialisation, overwritten by the checkpoint
-    loaded = build_model(recipe.model).state_dict()
-    for name, tensor in source.state_dict().items():
-        if not name.endswith("num_batches_tracked"):
-            torch.testing.assert_close(loaded[name], tensor, msg=name)

@@ -51,7 +51,7 @@ def _positions(model: torch.nn.Module) -> list[str]:
 
 
 def test_available_lists_every_paper_model() -> None:
-    assert available() == sorted(
+    assert available("video") == sorted(
         ["c2d_r50", "c2d_r101", "i3d_r50", "i3d_r101", "i3d3x3x3_r50", "i3d3x3x3_r101"]
         + ["nl_c2d_r50", "nl_c2d_r101", "nl_i3d_r50", "nl_i3d_r101"]
     )
@@ -322,7 +322,7 @@ def test_initialisation_follows_the_official_code() -> None:
     assert torch.equal(block(x), x)
 
 
-@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("name", available("video"))
 def test_every_preset_trains_as_a_tiny_model(name: str) -> None:
     torch.manual_seed(0)
     model = create(

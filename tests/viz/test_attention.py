@@ -14,46 +14,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from coded_block_model import AMPLITUDE, CodedBlockModel, flat, midpoint
 from torch import nn
 
 from nlnet import NonLocalBlock
 from nlnet.viz import attention_map, auto_query, block_attention, query_dependence, save_attention
-
-AMPLITUDE = 30.0
-
-
-class CodedBlockModel(nn.Module):
-    """Frames -> fixed one-hot codes on ``grid`` -> one non-local block -> a scalar."""
-
-    def __init__(self, grid: tuple[int, ...], targets: dict[int, int] | None, pool, pool_position="before"):
-        super().__init__()
-        positions = math.prod(grid)
-        self.grid = grid
-        codes = torch.eye(positions).reshape(1, positions, *grid) * AMPLITUDE
-        self.register_buffer("codes", codes)
-        self.block = NonLocalBlock(
-            positions, positions, dim=len(grid), pool=pool, pool_position=pool_position, norm=None
-        )
-        with torch.no_grad():
-            theta = torch.zeros(positions, positions)
-            for source, target in (targets or {}).items():
-                theta[target, source] = 1.0
-            self.block.theta.weight.copy_(theta.reshape(self.block.theta.weight.shape))
-            self.block.theta.bias.zero_()
-            self.block.phi.weight.copy_(torch.eye(positions).reshape(self.block.phi.weight.shape))
-            self.block.phi.bias.zero_()
-
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.block(self.codes.expand(frames.shape[0], *self.codes.shape[1:])).mean()
-
-
-def flat(position: tuple[int, ...], grid: tuple[int, ...]) -> int:
-    return int(np.ravel_multi_index(position, grid))
-
-
-def midpoint(first: int, last: int) -> float:
-    return (first + last) / 2
 
 
 @pytest.mark.parametrize("pool_position", ["before", "after"])
@@ -160,22 +125,6 @@ def test_bad_arguments_raise_value_error():
         save_attention(amap, np.zeros((8, 32, 32, 3), np.uint8), "out.jpg")
     with pytest.raises(ValueError, match="frames must be uint8"):
         save_attention(amap, np.zeros((4, 32, 32, 3), np.uint8), "out.png")
-
-
-def test_png_and_gif_files(tmp_path):
-    grid = (2, 4, 4)
-    model = CodedBlockModel(grid, {flat((1, 2, 0), grid): flat((0, 1, 3), grid)}, (1, 2, 2))
-    frames = torch.zeros(1, 3, 8, 32, 48)
-    amap = attention_map(model, frames, query=(5, 20, 3))
-    pictures = np.random.default_rng(0).integers(0, 256, (8, 32, 48, 3), dtype=np.uint8)
-    for style in ("heatmap", "arrows"):
-        png = save_attention(amap, pictures, tmp_path / f"{style}.png", style=style, panel_width=120)
-        with Image.open(png) as image:
-            # One panel per key slice (2), 120 pixels wide; 120 * 32 / 48 = 80 high plus a 40-pixel title.
-            assert image.format == "PNG" and image.size == (240, 120)
-    gif = save_attention(amap, pictures, tmp_path / "clip.gif", gif_scale=2)
-    with Image.open(gif) as image:
-        assert image.format == "GIF" and image.n_frames == 8 and image.size == (96, 64)
 
 
 def test_auto_query_motion_and_attended():

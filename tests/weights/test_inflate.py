@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from nlnet.models import create
-from nlnet.weights import inflate_kernel, load_2d
+from nlnet.weights import create_pretrained, inflate_kernel, load_2d
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def _reference_stages(net: nn.Module, image: torch.Tensor) -> list[torch.Tensor]
 def test_c2d_on_a_static_clip_gives_the_2d_features_at_every_time_step(resnet50_2d) -> None:
     net, path = resnet50_2d
     # float64 so that the comparison can be tight: conv3d over one frame and conv2d sum in different orders.
-    model = create("c2d_r50", pretrained_2d=path).eval().double()
+    model = create_pretrained("c2d_r50", path).eval().double()
     net = net.double()
     torch.manual_seed(1)
     image = torch.randn(1, 3, 64, 64, dtype=torch.float64)
@@ -66,7 +66,7 @@ def test_c2d_on_a_static_clip_gives_the_2d_features_at_every_time_step(resnet50_
 
 def test_i3d_kernels_are_repeated_over_time_and_divided(resnet50_2d) -> None:
     net, path = resnet50_2d
-    model = create("nl_i3d_r50", pretrained_2d=path).double()
+    model = create_pretrained("nl_i3d_r50", path).double()
     net = net.double()
     stem = model.stem.conv.weight  # (64, 3, 5, 7, 7)
     for step in range(5):
@@ -100,10 +100,16 @@ def test_report_names_what_was_not_loaded(resnet50_2d) -> None:
 def test_shape_mismatch_and_bad_files_are_refused(resnet50_2d, tmp_path: Path) -> None:
     _, path = resnet50_2d
     with pytest.raises(ValueError, match="shape mismatch for conv1.weight"):
-        create("c2d_r50", base_width=32, pretrained_2d=path)
+        create_pretrained("c2d_r50", path, base_width=32)
     with pytest.raises(ValueError, match="shape mismatch"):
         inflate_kernel(torch.zeros(64, 3, 7, 7), (64, 3, 5, 5, 5), name="conv1.weight")
     bad = tmp_path / "not_a_state_dict.pt"
     torch.save({"epoch": 3}, bad)
     with pytest.raises(ValueError, match="torchvision-format state dict"):
-        create("c2d_r50", pretrained_2d=bad)
+        create_pretrained("c2d_r50", bad)
+
+
+def test_models_create_reads_no_files_and_names_the_weights_function(resnet50_2d) -> None:
+    _, path = resnet50_2d
+    with pytest.raises(ValueError, match=r"nlnet\.weights\.create_pretrained"):
+        create("c2d_r50", pretrained_2d=path)

@@ -13,7 +13,7 @@ from nlnet.data.builtin import SceneObject
 from nlnet.engine import save_checkpoint
 from nlnet.models import nonlocal_blocks
 from nlnet.viz import AttentionMap, load_model
-from nlnet.viz.attention import _builtin_to_shown, _covers_object
+from nlnet.viz.report import _builtin_to_shown, _covers_object
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "builtin_nl_c2d.yaml"
 
