@@ -27,9 +27,9 @@ from nlnet.engine.config import complete_config, load_config
 
 __all__ = ["ABLATION_AXES", "AblationRow", "ablate", "demo", "format_ablation", "resolve_builtin"]
 
-_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_CONFIG = _CONFIG_DIR / "builtin_nl_c2d.yaml"
-BASELINE_CONFIG = _CONFIG_DIR / "builtin_c2d.yaml"
+# Names of shipped recipes (nlnet/configs), found by nlnet.engine.config.recipe_path wherever nlnet is installed.
+DEFAULT_CONFIG = "builtin_nl_c2d"
+BASELINE_CONFIG = "builtin_c2d"
 
 
 def resolve_builtin(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
@@ -196,7 +196,7 @@ class AblationRow:
     paper: float | None
 
 
-# Model keys each run changes in the base recipe (configs/builtin_nl_c2d.yaml: NL C2D, embedded Gaussian,
+# Model keys each run changes in the base recipe (nlnet/configs/builtin_nl_c2d.yaml: NL C2D, embedded Gaussian,
 # spacetime extent). Values replace the base's (dictionaries are not merged). The single-block lines sit in res4
 # as in the paper's Table 2a (the demo's recipe puts its block in res3; that network is the "res3" line).
 _RES4 = {"model.overrides.nonlocal_blocks": {"res4": [0]}}

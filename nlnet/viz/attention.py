@@ -720,7 +720,8 @@ def load_model(
         checkpoint: an nlnet training or detection checkpoint, or a converted official model; a training
             output folder for its latest checkpoint; None for an untrained model (then ``config`` or
             ``model_name`` names it).
-        config: YAML recipe; needed for a checkpoint that stores none (a converted official model).
+        config: YAML recipe (path or shipped name); needed for a checkpoint without one (a converted official
+            model). Default: the recipe of the checkpoint (``nlnet.engine.config.recipe_of_checkpoint``).
         model_name: overrides ``model.name``.
         overrides: dotted ``key=value`` strings, e.g. ``["data.num_frames=8"]``.
 
@@ -730,9 +731,8 @@ def load_model(
     Raises:
         ValueError: the checkpoint does not fit the model, or nothing says which model to build.
     """
-    from omegaconf import OmegaConf
-
     from nlnet.engine import latest_checkpoint, load_checkpoint
+    from nlnet.engine.config import recipe_of_checkpoint
     from nlnet.models import detection as detection_models
 
     named = model_name is not None or any(item.startswith("model.name=") for item in overrides)
@@ -743,7 +743,12 @@ def load_model(
         if checkpoint is None:
             raise FileNotFoundError(f"no checkpoint_<iteration>.pt in {folder}")
     state = load_checkpoint(checkpoint) if checkpoint is not None else {}
-    stored = state.get("config") if isinstance(state.get("config"), dict) else None
+    stored = None
+    if checkpoint is not None and config is None:
+        try:
+            stored = recipe_of_checkpoint(checkpoint)
+        except FileNotFoundError:
+            stored = None  # a converted official model: the defaults and the model name say what it is
     detector = state.get("format") == _DETECTION_FORMAT or (
         model_name is not None and model_name in detection_models.available()
     )
@@ -754,9 +759,7 @@ def load_model(
         from nlnet.engine.detection import load_config
     else:
         from nlnet.engine.config import load_config
-    recipe = load_config(config, []) if config is not None or stored is None else load_config(None, [])
-    if stored is not None and config is None:
-        recipe = OmegaConf.merge(recipe, stored)
+    recipe = load_config(config if stored is None else stored, [])
     apply_overrides(recipe, names)
     if not detector and recipe.data.format == "builtin":
         from nlnet.engine.builtin import resolve_builtin

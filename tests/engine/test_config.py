@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 
-from nlnet.engine.config import load_config
+from nlnet.engine.config import load_config, recipes_dir
 from nlnet.models import available, create
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIGS = sorted(recipes_dir().glob("*.yaml"))
 
 
 def test_defaults_and_overrides():
@@ -25,7 +23,7 @@ def test_defaults_and_overrides():
 
 
 def test_an_override_replaces_a_mapping_instead_of_merging_into_it():
-    recipe = "configs/builtin_nl_c2d.yaml"
+    recipe = "builtin_nl_c2d"
     assert dict(load_config(recipe).model.overrides.nonlocal_blocks) == {"res3": [0]}
     cfg = load_config(recipe, ["model.overrides.nonlocal_blocks={res4: [0]}", "seed=2"])
     assert OmegaConf.to_container(cfg.model.overrides.nonlocal_blocks) == {"res4": [0]} and cfg.seed == 2
@@ -88,7 +86,7 @@ def test_every_recipe_loads_and_builds_its_model(path):
         return
     assert path.read_text().startswith("#"), "every recipe says which paper row it reproduces"
     if name.startswith("builtin_"):
-        # The built-in set's recipes are not the paper's Kinetics recipe (see configs/builtin_nl_c2d.yaml).
+        # The built-in set's recipes are not the paper's Kinetics recipe (see nlnet/configs/builtin_nl_c2d.yaml).
         assert cfg.data.format == "builtin" and (cfg.train.optimizer, cfg.train.schedule) == ("adamw", "onecycle")
         return
     clip = name.rsplit("_", 1)[-1]
