@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all lint bench clean
+.PHONY: run test test-all test-install lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ test: lint
 
 test-all: lint
 	$(PY) -m pytest -q -m ""
+
+# Build the wheel, install it into a fresh virtual environment, run nlnet demo and train from another folder.
+test-install: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/test_install.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/block.py

@@ -1,166 +1,207 @@
 """The ``nlnet`` command line: argument parsing only; every command calls the Python API.
 
-Each command is one ``_cmd_<name>(subparsers)`` function that declares its arguments and sets ``func``,
-the API call it makes. Heavy imports happen inside ``func`` so that ``nlnet --help`` stays instant.
+Each command has an ``_add_<name>`` function that declares its arguments and a ``_<name>`` function, the API
+call it makes (``set_defaults(func=...)``); :func:`_build_parser` registers them. Heavy imports happen inside
+the command functions so that ``nlnet --help`` stays instant.
+
+Bad input (a missing file, an unknown recipe name, an invalid key or value) ends in one line on stderr and exit
+status 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+# What bad input raises across nlnet (missing files, recipe validation, unknown names): the message is the
+# error report. Anything else is a bug and keeps its traceback.
+_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, KeyError)
+
+_Subparsers = argparse._SubParsersAction
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nlnet", description="Non-local Neural Networks (Wang et al., CVPR 2018)")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, value in sorted(globals().items()):
-        if name.startswith("_cmd_") and callable(value):
-            value(subparsers)
-    return parser
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
-def _cmd_train(subparsers: argparse._SubParsersAction) -> None:
+def _log_to_stderr() -> None:
+    import logging
+
+    if _is_main_rank():
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def _print_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
+    for name, value in metrics.items():
+        print(f"{prefix}{name}: {value:.4f}" if isinstance(value, float) else f"{prefix}{name}: {value}")
+
+
+def _recipe(args: argparse.Namespace) -> Any:
+    """``--config`` if given, else the recipe the ``--checkpoint`` was trained with."""
+    if args.config is not None:
+        return args.config
+    from nlnet.engine.config import recipe_of_checkpoint
+
+    return recipe_of_checkpoint(args.checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------- video models
+
+
+def _add_train(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "train",
+        parents=[common],
         help="train a video model from a YAML recipe (torchrun --nproc_per_node=N -m nlnet train: DDP)",
         description="Train with the paper's recipe. Overrides are dotted KEY=VALUE pairs (train.max_iter=9).",
     )
     parser.add_argument(
         "--config",
-        help="YAML recipe, one of configs/*.yaml (default: NL C2D on the built-in data set, generated on first "
-        "use: configs/builtin_nl_c2d.yaml)",
+        help="recipe: a shipped name (e.g. kinetics_nl_i3d_r50_32x2; see nlnet/configs) or a YAML file "
+        "(default: builtin_nl_c2d, NL C2D on the built-in data set, generated on first use)",
     )
     parser.add_argument("--output-dir", help="where checkpoints and logs go (overrides output_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
     parser.add_argument("--resume-from", metavar="CKPT", help="continue from this checkpoint")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-
-    def run(args: argparse.Namespace) -> int:
-        import logging
-        import os
-
-        from nlnet.engine.config import load_config
-        from nlnet.engine.train import train
-
-        if int(os.environ.get("RANK", "0")) == 0:
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-        overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-        if args.config is None:
-            from nlnet.engine.builtin import DEFAULT_CONFIG
-
-            args.config = DEFAULT_CONFIG
-        cfg = load_config(args.config, overrides)
-        result = train(cfg, resume=args.resume_from or args.resume, device=args.device)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"finished at iteration {result['iteration']}: {result['checkpoint']}")
-            for name, value in result["metrics"].items():
-                print(f"val {name}: {value:.4f}" if isinstance(value, float) else f"val {name}: {value}")
-            if result["skipped"]:
-                print(f"{len(result['skipped'])} unreadable videos skipped: " + ", ".join(result["skipped"]))
-        return 0
-
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=_train)
 
 
-def _cmd_test(subparsers: argparse._SubParsersAction) -> None:
+def _train(args: argparse.Namespace) -> int:
+    from nlnet.engine.builtin import DEFAULT_CONFIG
+    from nlnet.engine.config import load_config
+    from nlnet.engine.train import train
+
+    _log_to_stderr()
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    result = train(cfg, resume=args.resume_from or args.resume, device=args.device)
+    if _is_main_rank():
+        print(f"finished at iteration {result['iteration']}: {result['checkpoint']}")
+        _print_metrics(result["metrics"], prefix="val ")
+        if result["skipped"]:
+            print(f"{len(result['skipped'])} unreadable videos skipped: " + ", ".join(result["skipped"]))
+    return 0
+
+
+def _add_test(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "test",
+        parents=[common],
         help="evaluate a checkpoint (10 clips x 3 crops, fully convolutional; or --single-view)",
         description="Evaluate a checkpoint on data.test_list and write per-video scores as JSON.",
     )
-    parser.add_argument("--config", required=True, help="the recipe the checkpoint was trained with")
     parser.add_argument("--checkpoint", required=True, help="nlnet checkpoint or model state dict")
+    parser.add_argument(
+        "--config", help="recipe name or YAML file (default: the recipe the checkpoint was trained with)"
+    )
     parser.add_argument("--single-view", action="store_true", help="one centre clip, centre crop per video")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="annotation list to use")
     parser.add_argument("--output", help="JSON of per-video scores (default: output_dir/test_<ckpt>.json)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-
-    def run(args: argparse.Namespace) -> int:
-        import os
-
-        from nlnet.engine.config import load_config
-        from nlnet.engine.evaluate import test
-
-        cfg = load_config(args.config, args.overrides)
-        result = test(
-            cfg,
-            args.checkpoint,
-            single_view=args.single_view,
-            split=args.split,
-            output=args.output,
-            device=args.device,
-        )
-        if int(os.environ.get("RANK", "0")) == 0:
-            for name, value in result["metrics"].items():
-                print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-            if result["skipped"]:
-                print(f"{len(result['skipped'])} unreadable videos skipped: " + ", ".join(result["skipped"]))
-            print(f"per-video scores: {result['output']}")
-        return 0
-
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=_test)
 
 
+def _test(args: argparse.Namespace) -> int:
+    from nlnet.engine.config import load_config
+    from nlnet.engine.evaluate import test
 
-def _cmd_detect(subparsers: argparse._SubParsersAction) -> None:
+    cfg = load_config(_recipe(args), args.overrides)
+    result = test(
+        cfg, args.checkpoint, single_view=args.single_view, split=args.split, output=args.output, device=args.device
+    )
+    if _is_main_rank():
+        _print_metrics(result["metrics"])
+        if result["skipped"]:
+            print(f"{len(result['skipped'])} unreadable videos skipped: " + ", ".join(result["skipped"]))
+        print(f"per-video scores: {result['output']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- detection
+
+
+def _add_detect(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "detect",
         help="Mask/Keypoint R-CNN with non-local blocks (paper §6): train, eval, cost",
         description="Detection with torchvision's Mask/Keypoint R-CNN and the paper's non-local blocks. Without "
-        "--config the recipe is the built-in shapes set (generated on first use). Overrides are dotted KEY=VALUE.",
+        "--config the recipe is the built-in shapes set (generated on first use); eval takes the checkpoint's "
+        "own recipe. Overrides are dotted KEY=VALUE.",
     )
     commands = parser.add_subparsers(dest="detect_command", required=True, metavar="SUBCOMMAND")
-    train_parser = commands.add_parser("train", help="train (and evaluate at the end); torchrun for DDP")
-    eval_parser = commands.add_parser("eval", help="COCOeval of a checkpoint on the recipe's val set")
-    cost_parser = commands.add_parser("cost", help="FLOPs and step time with vs without the non-local blocks")
+    train_parser = commands.add_parser(
+        "train", parents=[common], help="train (and evaluate at the end); torchrun for DDP"
+    )
+    eval_parser = commands.add_parser("eval", parents=[common], help="COCOeval of a checkpoint on its recipe's val set")
+    cost_parser = commands.add_parser(
+        "cost", parents=[common], help="FLOPs and step time with vs without the non-local blocks"
+    )
     for sub in (train_parser, eval_parser, cost_parser):
-        sub.add_argument("--config", help="YAML recipe, e.g. configs/detection/shapes_maskrcnn_r50.yaml")
         sub.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
         sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    for sub in (train_parser, cost_parser):
+        sub.add_argument("--config", help="recipe name or YAML file, e.g. detection/shapes_maskrcnn_r50")
     train_parser.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
+    train_parser.set_defaults(func=_detect_train)
     eval_parser.add_argument("--checkpoint", required=True, help="nlnet checkpoint or torchvision state dict")
+    eval_parser.add_argument(
+        "--config", help="recipe name or YAML file (default: the recipe the checkpoint was trained with)"
+    )
     eval_parser.add_argument("--output-dir", help="where detections_*.json and results.json go")
+    eval_parser.set_defaults(func=_detect_eval)
     cost_parser.add_argument("--steps", type=int, default=5, help="timed training steps per model")
     cost_parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="FLOPs also at H x W")
+    cost_parser.set_defaults(func=_detect_cost)
 
-    def run(args: argparse.Namespace) -> int:
-        import json
-        import logging
-        import os
 
-        from nlnet.engine import detection
+def _detect_train(args: argparse.Namespace) -> int:
+    from nlnet.engine import detection
 
-        main_rank = int(os.environ.get("RANK", "0")) == 0
-        if main_rank:
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-        cfg = detection.load_config(args.config, args.overrides)
-        if args.detect_command == "train":
-            result = detection.train(cfg, resume=args.resume, device=args.device)
-            if main_rank:
-                print(f"finished at iteration {result['iteration']}: {result['checkpoint']}")
-                print(f"median step time {result['step_time_s']:.3f} s; last losses {result['losses']}")
-        elif args.detect_command == "eval":
-            result = detection.evaluate_checkpoint(
-                cfg, args.checkpoint, output_dir=args.output_dir, device=args.device
-            )
-            if main_rank:
-                for iou_type, stats in result["metrics"].items():
-                    print(f"{iou_type}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
-        else:
-            result = detection.measure_cost(
-                cfg, steps=args.steps, image_size=args.image_size, device=args.device
-            )
-            print(json.dumps(result, indent=2))
-        return 0
+    _log_to_stderr()
+    result = detection.train(detection.load_config(args.config, args.overrides), resume=args.resume, device=args.device)
+    if _is_main_rank():
+        print(f"finished at iteration {result['iteration']}: {result['checkpoint']}")
+        print(f"median step time {result['step_time_s']:.3f} s; last losses {result['losses']}")
+    return 0
 
-    parser.set_defaults(func=run)
 
-def _cmd_info(subparsers: argparse._SubParsersAction) -> None:
+def _detect_eval(args: argparse.Namespace) -> int:
+    from nlnet.engine import detection
+
+    _log_to_stderr()
+    cfg = detection.load_config(_recipe(args), args.overrides)
+    result = detection.evaluate_checkpoint(cfg, args.checkpoint, output_dir=args.output_dir, device=args.device)
+    if _is_main_rank():
+        for iou_type, stats in result["metrics"].items():
+            print(f"{iou_type}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+    return 0
+
+
+def _detect_cost(args: argparse.Namespace) -> int:
+    import json
+
+    from nlnet.engine import detection
+
+    _log_to_stderr()
+    cfg = detection.load_config(args.config, args.overrides)
+    result = detection.measure_cost(cfg, steps=args.steps, image_size=args.image_size, device=args.device)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- models, weights
+
+
+def _add_info(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "info",
+        parents=[common],
         help="parameters, multiply-adds and non-local block positions of a video model",
         description="Counts parameters and multiply-adds (FLOPs / 2, torch.utils.flop_counter) of one clip "
         "without computing anything. NAME 'all' prints a table of every model.",
@@ -170,35 +211,35 @@ def _cmd_info(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-classes", type=int, default=400)
     parser.add_argument("--clip", choices=("32x2", "8x8"), default="32x2", help="stem variant")
     parser.add_argument("--nonlocal-blocks", help="override: 0, 1, 5, 10 or res2..res5")
+    parser.set_defaults(func=_info)
 
-    def run(args: argparse.Namespace) -> int:
-        from nlnet.models import available, describe
 
-        try:
-            shape = tuple(int(size) for size in args.input.lower().split("x"))
-        except ValueError:
-            shape = ()
-        if len(shape) != 4:
-            parser.error(f"--input must look like 3x32x224x224, got {args.input!r}")
-        overrides = {"clip": args.clip}
-        if args.nonlocal_blocks is not None:
-            overrides["nonlocal_blocks"] = args.nonlocal_blocks
-        if args.name != "all":
-            print(describe(args.name, args.num_classes, shape, **overrides).summary())
-            return 0
-        print(f"{'model':<16}{'params':>10}{'GMACs':>9}{'NL':>4}")
-        for name in available("video"):
-            info = describe(name, args.num_classes, shape, **overrides)
-            blocks = len(info.nonlocal_inputs)
-            print(f"{name:<16}{info.params / 1e6:>9.2f}M{info.macs / 1e9:>9.2f}{blocks:>4}")
+def _info(args: argparse.Namespace) -> int:
+    from nlnet.models import available, describe
+
+    try:
+        shape = tuple(int(size) for size in args.input.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4:
+        raise ValueError(f"--input must look like 3x32x224x224, got {args.input!r}")
+    overrides = {"clip": args.clip}
+    if args.nonlocal_blocks is not None:
+        overrides["nonlocal_blocks"] = args.nonlocal_blocks
+    if args.name != "all":
+        print(describe(args.name, args.num_classes, shape, **overrides).summary())
         return 0
+    print(f"{'model':<16}{'params':>10}{'GMACs':>9}{'NL':>4}")
+    for name in available("video"):
+        info = describe(name, args.num_classes, shape, **overrides)
+        print(f"{name:<16}{info.params / 1e6:>9.2f}M{info.macs / 1e9:>9.2f}{len(info.nonlocal_inputs):>4}")
+    return 0
 
-    parser.set_defaults(func=run)
 
-
-def _cmd_convert(subparsers: argparse._SubParsersAction) -> None:
+def _add_convert(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "convert",
+        parents=[common],
         help="official Caffe2 model-zoo .pkl <-> nlnet .pt",
         description="nlnet convert caffe2 IN.pkl OUT.pt --model NAME   (import; the pickle is read without "
         "running any code)\nnlnet convert --to caffe2 IN.pt OUT.pkl   (export an nlnet model)",
@@ -210,34 +251,38 @@ def _cmd_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", choices=("pytorch", "caffe2"), default="pytorch", help="target format")
     parser.add_argument("--model", help="model name the .pkl was trained as (import only), e.g. nl_i3d_r50")
     parser.add_argument("--nonlocal-norm", choices=("bn", "none"), help="default: detected from the file")
+    parser.set_defaults(func=_convert)
 
-    def run(args: argparse.Namespace) -> int:
-        from nlnet.weights import convert_caffe2, export_caffe2
 
-        if args.to == "caffe2":
-            if len(args.paths) != 2:
-                parser.error(f"--to caffe2 takes IN.pt OUT.pkl, got {args.paths}")
-            names = export_caffe2(args.paths[0], args.paths[1])
-            print(f"wrote {len(names)} blobs to {args.paths[1]}")
-            return 0
-        if len(args.paths) != 3 or args.paths[0] != "caffe2":
-            parser.error(f"import takes: caffe2 IN.pkl OUT.pt --model NAME, got {args.paths}")
-        if args.model is None:
-            parser.error("--model NAME is required to import a Caffe2 file")
-        overrides = {}
-        if args.nonlocal_norm is not None:
-            overrides["nonlocal_norm"] = None if args.nonlocal_norm == "none" else "bn"
-        report = convert_caffe2(args.paths[1], args.paths[2], args.model, **overrides)
-        print(report.summary())
-        print(f"wrote {args.paths[2]}")
+def _convert(args: argparse.Namespace) -> int:
+    from nlnet.weights import convert_caffe2, export_caffe2
+
+    if args.to == "caffe2":
+        if len(args.paths) != 2:
+            raise ValueError(f"--to caffe2 takes IN.pt OUT.pkl, got {args.paths}")
+        names = export_caffe2(args.paths[0], args.paths[1])
+        print(f"wrote {len(names)} blobs to {args.paths[1]}")
         return 0
+    if len(args.paths) != 3 or args.paths[0] != "caffe2":
+        raise ValueError(f"import takes: caffe2 IN.pkl OUT.pt --model NAME, got {args.paths}")
+    if args.model is None:
+        raise ValueError("--model NAME is required to import a Caffe2 file")
+    overrides = {}
+    if args.nonlocal_norm is not None:
+        overrides["nonlocal_norm"] = None if args.nonlocal_norm == "none" else "bn"
+    report = convert_caffe2(args.paths[1], args.paths[2], args.model, **overrides)
+    print(report.summary())
+    print(f"wrote {args.paths[2]}")
+    return 0
 
-    parser.set_defaults(func=run)
+
+# ------------------------------------------------------------------------------------------ attention maps
 
 
-def _cmd_visualize(subparsers: argparse._SubParsersAction) -> None:
+def _add_visualize(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "visualize",
+        parents=[common],
         help="draw what a non-local block attends to (PNG/GIF), or measure query dependence (GCNet)",
         description="Reads a test clip of VIDEO (or IMAGE, for a detection checkpoint) as the test protocol "
         "does, runs the model and draws where one query position's block looks: a heat map or the paper's "
@@ -245,7 +290,7 @@ def _cmd_visualize(subparsers: argparse._SubParsersAction) -> None:
         "attention maps of different queries, per block. Overrides are dotted KEY=VALUE pairs of the recipe.",
     )
     parser.add_argument("--checkpoint", help="nlnet checkpoint (or converted official model); omit: untrained")
-    parser.add_argument("--config", help="YAML recipe (default: the one stored in the checkpoint)")
+    parser.add_argument("--config", help="recipe name or YAML file (default: the one the checkpoint was trained with)")
     parser.add_argument("--model", help="model name (model.name), e.g. nl_i3d_r50 or maskrcnn_r50_fpn")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--video", help="video file (default: the first video of the recipe's test split)")
@@ -276,71 +321,90 @@ def _cmd_visualize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="FILE.png or FILE.gif (figure); FILE.json (--query-dependence)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
 
-    def run(args: argparse.Namespace) -> int:
-        import json
-        from pathlib import Path
-
-        from nlnet.viz import builtin_attention_figure, measure_query_dependence, save_attention_figure
-
-        common = {"config": args.config, "model_name": args.model, "overrides": args.overrides}
-        path = args.video or args.image
-        if args.query_dependence:
-            distances = measure_query_dependence(
-                args.checkpoint, path, block=args.block, num_clips=args.num_clips, num_queries=args.num_queries,
-                **common,
-            )
-            width = max(len(name) for name in distances)
-            print(f"{'block':<{width}}  mean cosine distance between queries")
-            for name, distance in distances.items():
-                print(f"{name:<{width}}  {distance:.4f}")
-            if args.out:
-                Path(args.out).write_text(json.dumps(distances, indent=2) + "\n", encoding="utf-8")
-            return 0
-        if not args.out:
-            parser.error("--out FILE.png|FILE.gif is required to draw a figure")
-        if args.builtin:
-            if args.checkpoint is None:
-                parser.error("--builtin needs the --checkpoint of a model trained on the built-in set")
-            report = builtin_attention_figure(
-                args.checkpoint, args.out, block=args.block, max_clips=args.max_clips,
-                style=args.style or "arrows",
-                top_k=args.top_k, config=args.config, overrides=args.overrides,
-            )
-            print(
-                f"{report.block}: over {report.clips} test clips, the top key of a query at the cue lies on the "
-                f"object the label depends on in {report.on_target:.1%} (a random key: {report.chance:.1%}); "
-                f"on the {report.multi_object_clips} clips with several objects {report.on_target_multi:.1%} "
-                f"(random: {report.chance_multi:.1%}); accuracy {report.accuracy:.1%}"
-            )
-            print(f"wrote {args.out} (test clip {report.figure_index}, {report.figure_objects} objects)")
-            return 0
-        query = None
-        if args.query is not None:
-            try:
-                query = tuple(float(v) for v in args.query.split(","))
-            except ValueError:
-                parser.error(f"--query must be T,Y,X (or Y,X for an image), got {args.query!r}")
-        amap = save_attention_figure(
-            args.checkpoint, path, args.out, query=query, auto=args.auto or "motion", block=args.block,
-            style=args.style or "heatmap", top_k=args.top_k, clip_index=args.clip_index, num_clips=args.num_clips,
-            fps=args.fps, gif_scale=args.gif_scale, **common,
-        )
-        t, y, x = amap.query
-        print(f"{amap.block}: query (t, y, x) = ({t:g}, {y:g}, {x:g}) on frames {amap.frame_size}")
-        for rank, (weight, (kt, ky, kx)) in enumerate(amap.top_keys(args.top_k), start=1):
-            print(f"  {rank}. weight {weight:.4g} at (t, y, x) = ({kt:.1f}, {ky:.1f}, {kx:.1f})")
-        print(f"wrote {args.out}")
-        return 0
-
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=_visualize)
 
 
-def _cmd_demo(subparsers: argparse._SubParsersAction) -> None:
+def _visualize(args: argparse.Namespace) -> int:
+    if args.query_dependence:
+        return _print_query_dependence(args)
+    if not args.out:
+        raise ValueError("--out FILE.png|FILE.gif is required to draw a figure")
+    if args.builtin:
+        return _draw_builtin_attention(args)
+    return _draw_attention(args)
+
+
+def _print_query_dependence(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from nlnet.viz import measure_query_dependence
+
+    distances = measure_query_dependence(
+        args.checkpoint, args.video or args.image, block=args.block, num_clips=args.num_clips,
+        num_queries=args.num_queries, config=args.config, model_name=args.model, overrides=args.overrides,
+    )
+    width = max(len(name) for name in distances)
+    print(f"{'block':<{width}}  mean cosine distance between queries")
+    for name, distance in distances.items():
+        print(f"{name:<{width}}  {distance:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(distances, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _draw_builtin_attention(args: argparse.Namespace) -> int:
+    from nlnet.viz import builtin_attention_figure
+
+    if args.checkpoint is None:
+        raise ValueError("--builtin needs the --checkpoint of a model trained on the built-in set")
+    report = builtin_attention_figure(
+        args.checkpoint, args.out, block=args.block, max_clips=args.max_clips, style=args.style or "arrows",
+        top_k=args.top_k, config=args.config, overrides=args.overrides,
+    )
+    print(
+        f"{report.block}: over {report.clips} test clips, the top key of a query at the cue lies on the "
+        f"object the label depends on in {report.on_target:.1%} (a random key: {report.chance:.1%}); "
+        f"on the {report.multi_object_clips} clips with several objects {report.on_target_multi:.1%} "
+        f"(random: {report.chance_multi:.1%}); accuracy {report.accuracy:.1%}"
+    )
+    print(f"wrote {args.out} (test clip {report.figure_index}, {report.figure_objects} objects)")
+    return 0
+
+
+def _draw_attention(args: argparse.Namespace) -> int:
+    from nlnet.viz import save_attention_figure
+
+    query = None
+    if args.query is not None:
+        try:
+            query = tuple(float(v) for v in args.query.split(","))
+        except ValueError:
+            raise ValueError(f"--query must be T,Y,X (or Y,X for an image), got {args.query!r}") from None
+    amap = save_attention_figure(
+        args.checkpoint, args.video or args.image, args.out, query=query, auto=args.auto or "motion",
+        block=args.block, style=args.style or "heatmap", top_k=args.top_k, clip_index=args.clip_index,
+        num_clips=args.num_clips, fps=args.fps, gif_scale=args.gif_scale, config=args.config,
+        model_name=args.model, overrides=args.overrides,
+    )
+    t, y, x = amap.query
+    print(f"{amap.block}: query (t, y, x) = ({t:g}, {y:g}, {x:g}) on frames {amap.frame_size}")
+    for rank, (weight, (kt, ky, kx)) in enumerate(amap.top_keys(args.top_k), start=1):
+        print(f"  {rank}. weight {weight:.4g} at (t, y, x) = ({kt:.1f}, {ky:.1f}, {kx:.1f})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- built-in set studies
+
+
+def _add_demo(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "demo",
+        parents=[common],
         help="train and test C2D and NL C2D on the built-in data set, print their top-1 (make run)",
         description="Generates the built-in set once (H.264 mp4s in the user cache), trains the tiny NL C2D of "
-        "configs/builtin_nl_c2d.yaml and its C2D baseline at equal budget, tests both with the multi-view "
+        "the builtin_nl_c2d recipe and its C2D baseline at equal budget, tests both with the multi-view "
         "protocol, keeps the checkpoints, draws the non-local block's attention and prints the table. Runs "
         "already in OUT_DIR are continued, not repeated. Overrides are dotted KEY=VALUE pairs for both recipes.",
     )
@@ -348,19 +412,20 @@ def _cmd_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-figure", action="store_true", help="skip the attention figure")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-
-    def run(args: argparse.Namespace) -> int:
-        from nlnet.experiments import demo
-
-        demo(args.out_dir, overrides=args.overrides, device=args.device, figure=not args.no_figure)
-        return 0
-
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=_demo)
 
 
-def _cmd_ablate(subparsers: argparse._SubParsersAction) -> None:
+def _demo(args: argparse.Namespace) -> int:
+    from nlnet.experiments import demo
+
+    demo(args.out_dir, overrides=args.overrides, device=args.device, figure=not args.no_figure)
+    return 0
+
+
+def _add_ablate(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "ablate",
+        parents=[common],
         help="the paper's Table 2 ablations in miniature on the built-in data set (markdown table)",
         description="Trains and tests each network of the chosen axes with the built-in recipe and writes "
         "OUT/ablation.md and OUT/ablation.json beside the paper's Kinetics numbers. Finished runs are reused, so "
@@ -374,32 +439,63 @@ def _cmd_ablate(subparsers: argparse._SubParsersAction) -> None:
         help="instantiation, stage, blocks, extent, conv3d (default: all, in the paper's order)",
     )
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per network (default 1)")
-    parser.add_argument("--config", help="base recipe (default configs/builtin_nl_c2d.yaml)")
+    parser.add_argument("--config", help="base recipe name or YAML file (default builtin_nl_c2d)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    parser.set_defaults(func=_ablate)
 
-    def run(args: argparse.Namespace) -> int:
-        from nlnet.engine.builtin import DEFAULT_CONFIG
-        from nlnet.experiments import ablate
 
-        ablate(
-            args.out,
-            axes=args.axes,
-            seeds=args.seeds,
-            config=args.config or DEFAULT_CONFIG,
-            overrides=args.overrides,
-            device=args.device,
-        )
-        return 0
+def _ablate(args: argparse.Namespace) -> int:
+    from nlnet.engine.builtin import DEFAULT_CONFIG
+    from nlnet.experiments import ablate
 
-    parser.set_defaults(func=run)
+    ablate(
+        args.out,
+        axes=args.axes,
+        seeds=args.seeds,
+        config=args.config or DEFAULT_CONFIG,
+        overrides=args.overrides,
+        device=args.device,
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ the parser
+
+
+_COMMANDS = (_add_train, _add_test, _add_detect, _add_info, _add_convert, _add_visualize, _add_demo, _add_ablate)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    # --debug is accepted before and after the command name; SUPPRESS keeps a subcommand's absent flag from
+    # resetting one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    parser = argparse.ArgumentParser(prog="nlnet", description="Non-local Neural Networks (Wang et al., CVPR 2018)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(subparsers, common)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    # str(KeyError) is the repr of its key; its argument is the message.
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip()) or type(err).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    result = args.func(args)
-    return int(result or 0)
+    """Runs one command; bad input prints ``nlnet COMMAND: error: ...`` on stderr and returns 2."""
+    args = _build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _USER_ERRORS as err:
+        if args.debug:
+            raise
+        command = " ".join(filter(None, (args.command, getattr(args, "detect_command", None))))
+        print(f"nlnet {command}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

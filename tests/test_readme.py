@@ -96,7 +96,7 @@ def _write_checkpoint(path: Path) -> None:
     from nlnet.engine.config import load_config
     from nlnet.viz.attention import _build_video_model
 
-    cfg = load_config(ROOT / "configs/kinetics_nl_i3d_r50_32x2.yaml", ["model.overrides.base_width=8"])
+    cfg = load_config("kinetics_nl_i3d_r50_32x2", ["model.overrides.base_width=8"])
     torch.manual_seed(0)
     model = _build_video_model(cfg)
     save_checkpoint(path, {"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)})

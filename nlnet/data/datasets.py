@@ -497,8 +497,12 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, *, normalized: bool =
         if fmt == "folder":
             if (root / which).is_dir():
                 return root / which
-            if any((root / name).is_dir() for name in ("train", "val", "test")):
-                raise FileNotFoundError(f"{root} has split folders but no '{which}' folder")
+            present = [name for name in ("train", "val", "test") if (root / name).is_dir()]
+            if present:
+                raise FileNotFoundError(
+                    f"{root} has split folders {present} but no '{which}' folder: use one of those splits "
+                    f"(e.g. nlnet test --split {present[-1]}) or add {root / which}"
+                )
             return root
         listed = data_cfg.get(f"{which}_list")
         return None if listed is None else Path(str(listed))

@@ -6,7 +6,7 @@ The code lives where the layers of the package put it (``nlnet.models.detection`
     from nlnet import detection
 
     model = detection.create("maskrcnn_r50_fpn", num_classes=4, min_size=128, max_size=160)
-    cfg = detection.load_config("configs/detection/shapes_maskrcnn_r50.yaml", ["train.max_iter=50"])
+    cfg = detection.load_config("detection/shapes_maskrcnn_r50", ["train.max_iter=50"])
     result = detection.train(cfg)
 """
 

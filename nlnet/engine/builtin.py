@@ -10,7 +10,6 @@ set (``nlnet demo``, ``nlnet ablate``) live in `nlnet.experiments`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -19,9 +18,9 @@ from nlnet.engine.config import complete_config
 
 __all__ = ["BASELINE_CONFIG", "DEFAULT_CONFIG", "resolve_builtin"]
 
-_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_CONFIG = _CONFIG_DIR / "builtin_nl_c2d.yaml"
-BASELINE_CONFIG = _CONFIG_DIR / "builtin_c2d.yaml"
+# Names of shipped recipes (nlnet/configs), found by nlnet.engine.config.recipe_path wherever nlnet is installed.
+DEFAULT_CONFIG = "builtin_nl_c2d"
+BASELINE_CONFIG = "builtin_c2d"
 
 
 def resolve_builtin(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:

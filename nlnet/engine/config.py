@@ -1,14 +1,19 @@
 """Training and testing configuration: a schema of defaults, YAML recipes and dotted ``key=value`` overrides.
 
-A recipe file may name other recipe files it builds on with ``_base_`` (a path relative to the file, or a
-list of them); they are merged first, in order, then the file itself, then the command-line overrides. The
-schema below is the complete set of keys: a misspelt key in a file or an override is an error, not a silently
-ignored setting. ``model.overrides`` is the one open mapping; it is forwarded to ``nlnet.models.create``.
+A recipe is a YAML file, named by its path or, for the recipes shipped in ``nlnet/configs``, by its name
+(``kinetics_nl_i3d_r50_32x2``, ``detection/shapes_maskrcnn_r50``): :func:`recipe_path`. A recipe file may name
+other recipe files it builds on with ``_base_`` (a path relative to the file, or a list of them); they are
+merged first, in order, then the file itself, then the command-line overrides. The schema below is the
+complete set of keys: a misspelt key in a file or an override is an error, not a silently ignored setting.
+``model.overrides`` is the one open mapping; it is forwarded to ``nlnet.models.create``.
+
+A checkpoint knows its recipe (:func:`recipe_of_checkpoint`), so testing, evaluating and drawing need only it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,17 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["DEFAULTS", "complete_config", "load_config", "validate_config"]
+__all__ = [
+    "DEFAULTS",
+    "available_recipes",
+    "complete_config",
+    "load_config",
+    "read_recipe",
+    "recipe_of_checkpoint",
+    "recipe_path",
+    "recipes_dir",
+    "validate_config",
+]
 
 DEFAULTS: dict[str, Any] = {
     # Seed of everything random: sampler order, augmentation, initialisation, dropout.
@@ -128,13 +143,47 @@ def _schema() -> DictConfig:
     return schema
 
 
+def recipes_dir() -> Path:
+    """The folder of the recipes shipped with nlnet (package data, so it exists in a wheel install too)."""
+    return Path(str(resources.files("nlnet") / "configs"))
+
+
+def available_recipes() -> list[str]:
+    """Names of the shipped recipes, as :func:`recipe_path` accepts them: ``detection/shapes_maskrcnn_r50``."""
+    root = recipes_dir()
+    return sorted(path.relative_to(root).with_suffix("").as_posix() for path in root.rglob("*.yaml"))
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """The YAML file of ``recipe``: a path to an existing file, or the name of a shipped recipe.
+
+    A path that exists wins over a shipped recipe of the same name; a name may carry ``.yaml`` or not.
+
+    Raises:
+        FileNotFoundError: ``recipe`` is neither an existing file nor a shipped recipe's name; the message
+            lists the names.
+    """
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml")
+    shipped = recipes_dir() / f"{name}.yaml"
+    if not path.is_absolute() and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(
+        f"config {str(recipe)!r} is neither a file nor a shipped recipe; give a path to a YAML file or one of: "
+        + ", ".join(available_recipes())
+    )
+
+
 def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     path = path.resolve()
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
         raise ValueError(f"config inheritance cycle: {chain}")
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        named_by = f" (the _base_ of {seen[-1]})" if seen else ""
+        raise FileNotFoundError(f"config file not found: {path}{named_by}")
     loaded = OmegaConf.load(path)
     if not isinstance(loaded, DictConfig):
         raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(loaded).__name__}")
@@ -149,6 +198,53 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     for base in bases:
         merged = OmegaConf.merge(merged, _read_with_bases(path.parent / str(base), (*seen, path)))
     return OmegaConf.merge(merged, loaded)
+
+
+def read_recipe(recipe: str | Path | Mapping[str, Any]) -> DictConfig:
+    """A recipe's own keys, ``_base_`` files merged in, without the schema (shared by every task's loader).
+
+    Args:
+        recipe: a path or shipped recipe name (:func:`recipe_path`), or a mapping already read, such as
+            :func:`recipe_of_checkpoint` returns.
+
+    Raises:
+        FileNotFoundError: no such file or recipe name (:func:`recipe_path`), or a missing ``_base_`` file.
+        ValueError: the file is not a YAML mapping, or its ``_base_`` chain has a cycle.
+    """
+    if isinstance(recipe, Mapping):
+        return OmegaConf.create(dict(recipe))
+    try:
+        return _read_with_bases(recipe_path(recipe))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{recipe}: not valid YAML: {err}") from err
+
+
+def recipe_of_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """The recipe a checkpoint was trained with, so that testing, evaluating and drawing need only the checkpoint.
+
+    Training (video and detection) stores the resolved recipe in each checkpoint under ``"config"`` and writes
+    it as ``config.yaml`` in the output folder; a file without one (a bare state dict copied beside its run's
+    ``config.yaml``) falls back to that file.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist, or it carries no recipe and has no ``config.yaml``
+            beside it.
+        ValueError: the checkpoint is not a readable weights-only file.
+    """
+    from nlnet.engine.checkpoint import load_checkpoint
+
+    stored = load_checkpoint(checkpoint).get("config")
+    if isinstance(stored, dict):
+        return stored
+    beside = Path(checkpoint).parent / "config.yaml"
+    if beside.is_file():
+        recipe = OmegaConf.to_container(read_recipe(beside), resolve=True)
+        if isinstance(recipe, dict):
+            return recipe
+    raise FileNotFoundError(
+        f"{checkpoint} carries no recipe and there is no config.yaml beside it: pass --config with the recipe "
+        "it was trained with"
+    )
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -173,11 +269,12 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(path: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> DictConfig:
     """Loads a recipe: schema defaults, then the YAML file (and its ``_base_`` files), then overrides.
 
     Args:
-        path: YAML recipe, or None for the defaults alone.
+        path: YAML recipe (a path or a shipped recipe's name, see :func:`recipe_path`), a mapping such as
+            :func:`recipe_of_checkpoint` returns, or None for the defaults alone.
         overrides: dotted ``key=value`` strings, e.g. ``["train.max_iter=100", "data.root=/data/k400"]``;
             values are parsed as YAML (``null``, numbers, ``[1,2]``).
 
@@ -185,15 +282,17 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
         The merged configuration, struct-mode (unknown keys raise), validated by :func:`validate_config`.
 
     Raises:
+        FileNotFoundError: no such recipe file or name.
         ValueError: an override is not ``key=value``, a key is not in the schema, or a value is invalid.
     """
     cfg = _schema()
+    source = "recipe of the checkpoint" if isinstance(path, Mapping) else path
     try:
         if path is not None:
-            cfg = OmegaConf.merge(cfg, _read_with_bases(Path(path)))
+            cfg = OmegaConf.merge(cfg, read_recipe(path))
         apply_overrides(cfg, overrides)
     except (OmegaConfBaseException, yaml.YAMLError) as err:
-        raise ValueError(f"invalid configuration ({path}): {err}") from err
+        raise ValueError(f"invalid configuration ({source}): {err}") from err
     validate_config(cfg)
     return cfg
 

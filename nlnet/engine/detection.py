@@ -20,12 +20,13 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pycocotools import mask as mask_utils
@@ -46,7 +47,7 @@ from nlnet.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from nlnet.engine.config import apply_overrides
+from nlnet.engine.config import apply_overrides, read_recipe
 from nlnet.engine.distributed import (
     DistContext,
     all_gather_objects,
@@ -164,26 +165,33 @@ STAT_NAMES = {
 _MASK_THRESHOLD = 0.5
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(path: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> DictConfig:
     """A detection recipe: :data:`DEFAULTS`, then the YAML file, then dotted ``key=value`` overrides.
 
     ``nlnet.engine.config.load_config`` holds the video recipe's schema, so detection keeps its own schema
-    with the same rules (struct mode: a misspelt key is an error; ``model.overrides`` is open).
+    with the same rules (struct mode: a misspelt key is an error; ``model.overrides`` is open) and reads files
+    the same way (``nlnet.engine.config.read_recipe``: shipped names such as ``detection/shapes_maskrcnn_r50``,
+    ``_base_``).
+
+    Args:
+        path: a path or shipped recipe name, a mapping such as ``nlnet.engine.config.recipe_of_checkpoint``
+            returns, or None for the defaults.
+        overrides: dotted ``key=value`` strings.
 
     Raises:
+        FileNotFoundError: no such recipe file or name.
         ValueError: an unknown key, a malformed override or an invalid value.
     """
     cfg = OmegaConf.create(DEFAULTS)
     OmegaConf.set_struct(cfg, True)
     OmegaConf.set_struct(cfg.model.overrides, False)
+    source = "recipe of the checkpoint" if isinstance(path, Mapping) else path
     try:
         if path is not None:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"config file not found: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, read_recipe(path))
         apply_overrides(cfg, overrides)
-    except OmegaConfBaseException as err:
-        raise ValueError(f"invalid detection configuration ({path}): {err}") from err
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ValueError(f"invalid detection configuration ({source}): {err}") from err
     _validate(cfg)
     return cfg
 

@@ -37,7 +37,7 @@ class AblationRow:
     paper: float | None
 
 
-# Model keys each run changes in the base recipe (configs/builtin_nl_c2d.yaml: NL C2D, embedded Gaussian,
+# Model keys each run changes in the base recipe (nlnet/configs/builtin_nl_c2d.yaml: NL C2D, embedded Gaussian,
 # spacetime extent). Values replace the base's (dictionaries are not merged). The single-block lines sit in res4
 # as in the paper's Table 2a (the demo's recipe puts its block in res3; that network is the "res3" line).
 _RES4 = {"model.overrides.nonlocal_blocks": {"res4": [0]}}

@@ -7,19 +7,18 @@ builder, ``nlnet.engine.build``. Inputs are read as at test time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from nlnet.engine.build import build_network, load_state_dict_exactly, state_dict_sizes
 from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.checkpoint import DETECTION_CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint
-from nlnet.engine.config import apply_overrides
+from nlnet.engine.config import apply_overrides, recipe_of_checkpoint
 from nlnet.engine.config import load_config as load_video_config
 from nlnet.models import available
 from nlnet.viz.attention import AttentionMap, attention_map, is_detector, query_dependence
@@ -48,7 +47,8 @@ def load_model(
         checkpoint: an nlnet training or detection checkpoint, or a converted official model; a training
             output folder for its latest checkpoint; None for an untrained model (then ``config`` or
             ``model_name`` names it).
-        config: YAML recipe; needed for a checkpoint that stores none (a converted official model).
+        config: YAML recipe (path or shipped name); needed for a checkpoint without one (a converted official
+            model). Default: the recipe of the checkpoint (``nlnet.engine.config.recipe_of_checkpoint``).
         model_name: overrides ``model.name``.
         overrides: dotted ``key=value`` strings, e.g. ``["data.num_frames=8"]``.
 
@@ -70,7 +70,7 @@ def load_model(
         model_name is not None and model_name in available("detection")
     )
     names = list(overrides) + ([f"model.name={model_name}"] if model_name is not None else [])
-    recipe = _load_recipe(state, config, names, detector)
+    recipe = _load_recipe(checkpoint, config, names, detector)
     weights = state.get("model", state) if state else None
     with torch.random.fork_rng():
         # An untrained model is drawn from the recipe's seed, so its figures can be made again.
@@ -84,17 +84,22 @@ def load_model(
     return model, recipe
 
 
-def _load_recipe(state: Mapping[str, Any], config: str | Path | None, names: list[str], detector: bool) -> DictConfig:
-    """``config``'s recipe (else the one stored in the checkpoint ``state``, else the defaults) with ``names``."""
+def _load_recipe(
+    checkpoint: str | Path | None, config: str | Path | None, names: list[str], detector: bool
+) -> DictConfig:
+    """``config``'s recipe (else the checkpoint's, else the defaults) with the overrides ``names``."""
     if detector:
         # Only a detector's recipe needs the detection engine (and pycocotools with it).
         from nlnet.engine.detection import load_config
     else:
         load_config = load_video_config
-    stored = state.get("config") if isinstance(state.get("config"), dict) else None
-    recipe = load_config(config, [])
-    if stored is not None and config is None:
-        recipe = OmegaConf.merge(recipe, stored)
+    stored = None
+    if checkpoint is not None and config is None:
+        try:
+            stored = recipe_of_checkpoint(checkpoint)
+        except FileNotFoundError:
+            stored = None  # a converted official model: the defaults and the model name say what it is
+    recipe = load_config(config if stored is None else stored, [])
     apply_overrides(recipe, names)
     if not detector and recipe.data.format == "builtin":
         recipe = resolve_builtin(recipe)  # the generated set's folder and lists, as training and testing see them

@@ -113,11 +113,19 @@ def load_2d(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Ten
         What was loaded, inflated, left at init (non-local blocks, the classifier) and not used (``fc.*``).
 
     Raises:
+        FileNotFoundError: ``source`` is a path and no file is there.
         ValueError: if the file is not a state dict or a kernel cannot be inflated to the model's shape.
     """
     if isinstance(source, Mapping):
         state = source
     else:
+        if not os.path.isfile(source):
+            raise FileNotFoundError(
+                f"pretrained 2D weights not found: {os.fspath(source)!r} (expected torchvision's ImageNet ResNet "
+                "state dict of the model's depth there, e.g. torch.save(torchvision.models.resnet50(weights="
+                "torchvision.models.ResNet50_Weights.IMAGENET1K_V1).state_dict(), path); or set "
+                "model.pretrained_2d=null to train from scratch)"
+            )
         state = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
     if not is_state_dict(state):
         raise ValueError(f"expected a torchvision-format state dict (name -> tensor) in {source!r}")

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from nlnet.engine.config import load_config
+from nlnet.engine.config import available_recipes, load_config, recipe_path, recipes_dir
 from nlnet.models import available, create
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIGS = sorted(recipes_dir().glob("*.yaml"))
 
 
 def test_defaults_and_overrides():
@@ -26,7 +24,7 @@ def test_defaults_and_overrides():
 
 
 def test_an_override_replaces_a_mapping_instead_of_merging_into_it():
-    recipe = "configs/builtin_nl_c2d.yaml"
+    recipe = "builtin_nl_c2d"
     assert dict(load_config(recipe).model.overrides.nonlocal_blocks) == {"res3": [0]}
     cfg = load_config(recipe, ["model.overrides.nonlocal_blocks={res4: [0]}", "seed=2"])
     assert OmegaConf.to_container(cfg.model.overrides.nonlocal_blocks) == {"res4": [0]} and cfg.seed == 2
@@ -90,7 +88,7 @@ def test_every_recipe_loads_and_builds_its_model(path):
         return
     assert path.read_text().startswith("#"), "every recipe says which paper row it reproduces"
     if name.startswith("builtin_"):
-        # The built-in set's recipes are not the paper's Kinetics recipe (see configs/builtin_nl_c2d.yaml).
+        # The built-in set's recipes are not the paper's Kinetics recipe (see nlnet/configs/builtin_nl_c2d.yaml).
         assert cfg.data.format == "builtin" and (cfg.train.optimizer, cfg.train.schedule) == ("adamw", "onecycle")
         return
     clip = name.rsplit("_", 1)[-1]
@@ -111,3 +109,23 @@ def test_every_recipe_loads_and_builds_its_model(path):
             [0, 150000, 300000],
         )
         assert cfg.model.pretrained_2d.endswith(f"resnet{cfg.model.name.rsplit('_r', 1)[-1]}_imagenet.pth")
+
+
+def test_a_shipped_recipe_is_found_by_name_with_its_base():
+    by_name = load_config("kinetics_nl_i3d_r50_8x8")
+    assert by_name == load_config("kinetics_nl_i3d_r50_8x8.yaml")
+    assert by_name == load_config(recipes_dir() / "kinetics_nl_i3d_r50_8x8.yaml")
+    assert by_name.train.checkpoint_period == 10000 and by_name.data.num_frames == 8  # _base_, then the file
+    assert "detection/shapes_maskrcnn_r50" in available_recipes() and "builtin_nl_c2d" in available_recipes()
+    assert recipe_path("detection/shapes_maskrcnn_r50") == recipes_dir() / "detection" / "shapes_maskrcnn_r50.yaml"
+
+
+def test_an_existing_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "builtin_nl_c2d").write_text("seed: 7\n")
+    assert load_config("builtin_nl_c2d").seed == 7 and load_config("builtin_nl_c2d.yaml").data.format == "builtin"
+
+
+def test_an_unknown_recipe_name_lists_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped recipe.*kinetics_nl_i3d_r50_32x2"):
+        load_config("kinetics_nl_i3d_r50_32x3")

@@ -185,7 +185,7 @@ def test_a_layout_straight_from_a_recipe_is_accepted() -> None:
 
 
 def test_the_builtin_recipe_layout_builds_its_one_block() -> None:
-    # configs/builtin_nl_c2d.yaml: one block per stage, one non-local block after res3's only block.
+    # nlnet/configs/builtin_nl_c2d.yaml: one block per stage, one non-local block after res3's only block.
     model = _build_meta("c2d_r50", stage_blocks=(1, 1, 1, 1), base_width=8, nonlocal_blocks={"res3": [0]})
     assert _positions(model) == ["res3.0"]
 

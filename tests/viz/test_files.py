@@ -112,18 +112,22 @@ def test_untrained_model_by_name_and_query_dependence(tmp_path, capsys):
         assert image.format == "PNG" and image.size[1] == 240 + 40 and image.size[0] % 240 == 0
 
 
-def test_bad_command_lines(video_checkpoint, tmp_path):
+def test_bad_command_lines(video_checkpoint, tmp_path, capsys):
     video = str(real_video("bikes"))
-    with pytest.raises(SystemExit):
-        main(["visualize", "--checkpoint", str(video_checkpoint), "--video", video])  # no --out
+    checkpoint = ["visualize", "--checkpoint", str(video_checkpoint), "--video", video]
+    cases = [
+        (checkpoint, "--out FILE.png|FILE.gif is required"),
+        ([*checkpoint, "--query", "0,500,0", "--out", str(tmp_path / "x.png")], "outside the frames"),
+        ([*checkpoint, "--out", str(tmp_path / "x.png"), "model.overrides.base_width=16"], "does not fit the model"),
+        (["visualize", "--video", video, "--out", str(tmp_path / "x.png")], "nothing says which model"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("nlnet visualize: error: ") and message in err and err.count("\n") == 1, err
     with pytest.raises(ValueError, match="outside the frames"):
-        main(["visualize", "--checkpoint", str(video_checkpoint), "--video", video, "--query", "0,500,0",
-              "--out", str(tmp_path / "x.png")])
-    with pytest.raises(ValueError, match="does not fit the model"):
-        main(["visualize", "--checkpoint", str(video_checkpoint), "--video", video, "--out",
-              str(tmp_path / "x.png"), "model.overrides.base_width=16"])
-    with pytest.raises(ValueError, match="nothing says which model"):
-        main(["visualize", "--video", video, "--out", str(tmp_path / "x.png")])
+        main(["--debug", *cases[1][0]])
 
 
 def test_detection_checkpoint_on_an_image(tmp_path):

@@ -15,7 +15,7 @@ from nlnet.models import nonlocal_blocks
 from nlnet.viz import AttentionMap, load_model
 from nlnet.viz.report import _builtin_to_shown, _covers_object
 
-RECIPE = Path(__file__).resolve().parents[2] / "configs" / "builtin_nl_c2d.yaml"
+RECIPE = "builtin_nl_c2d"
 
 
 def key_grid_map(span: tuple[float, float, float], grid: tuple[int, int, int], frames: int, size: int):
