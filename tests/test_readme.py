@@ -93,12 +93,12 @@ def _write_checkpoint(path: Path) -> None:
     from omegaconf import OmegaConf
 
     from nlnet.engine.checkpoint import save_checkpoint
+    from nlnet.engine.build import build_network
     from nlnet.engine.config import load_config
-    from nlnet.viz.attention import _build_video_model
 
     cfg = load_config("kinetics_nl_i3d_r50_32x2", ["model.overrides.base_width=8"])
     torch.manual_seed(0)
-    model = _build_video_model(cfg)
+    model = build_network(cfg.model)
     save_checkpoint(path, {"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)})
 
 
