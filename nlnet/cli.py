@@ -39,6 +39,11 @@ def _print_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
         print(f"{prefix}{name}: {value:.4f}" if isinstance(value, float) else f"{prefix}{name}: {value}")
 
 
+def _print_skipped(videos: Sequence[str]) -> None:
+    if videos:
+        print(f"{len(videos)} unreadable videos skipped: " + ", ".join(videos))
+
+
 def _recipe(args: argparse.Namespace) -> Any:
     """``--config`` if given, else the recipe the ``--checkpoint`` was trained with."""
     if args.config is not None:
@@ -83,8 +88,7 @@ def _train(args: argparse.Namespace) -> int:
     if _is_main_rank():
         print(f"finished at iteration {result['iteration']}: {result['checkpoint']}")
         _print_metrics(result["metrics"], prefix="val ")
-        if result["skipped"]:
-            print(f"{len(result['skipped'])} unreadable videos skipped: " + ", ".join(result["skipped"]))
+        _print_skipped(result["skipped"])
     return 0
 
 
@@ -117,8 +121,7 @@ def _test(args: argparse.Namespace) -> int:
     )
     if _is_main_rank():
         _print_metrics(result["metrics"])
-        if result["skipped"]:
-            print(f"{len(result['skipped'])} unreadable videos skipped: " + ", ".join(result["skipped"]))
+        _print_skipped(result["skipped"])
         print(f"per-video scores: {result['output']}")
     return 0
 

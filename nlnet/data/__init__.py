@@ -1,16 +1,13 @@
 """Video files to clips: PyAV decoding, the paper's clip sampling and transforms, datasets, loaders."""
 
-from nlnet.data.datasets import (
+from nlnet.data.annotations import (
     ANNOTATION_FORMATS,
     AnnotationError,
-    VideoClipDataset,
     VideoRecord,
-    build_dataset,
-    build_loader,
     class_names_in,
-    collate_clips,
     read_annotations,
 )
+from nlnet.data.datasets import VideoClipDataset, build_dataset, build_loader, collate_clips
 from nlnet.data.transforms import EvalViews, TrainAugment
 from nlnet.data.video import (
     VideoDecodeError,

@@ -29,7 +29,7 @@ Two ways to use it:
 
 - `generate_clips`: uint8 arrays in memory, for experiments (``benchmarks/builtin_gap.py``);
 - `write_builtin`: H.264 mp4 files (PyAV, libx264) plus ``train.csv`` / ``test.csv`` annotation files in the
-  ``path_csv`` format of `nlnet.data.datasets` (rows ``path,label``, label = class index), in a cache folder
+  ``path_csv`` format of `nlnet.data.annotations` (rows ``path,label``, label = class index), in a cache folder
   named after a hash of every setting, written atomically.
 """
 

@@ -1,6 +1,6 @@
 """Spatial transforms of the Non-local paper's video pipeline: scale jitter, crops, flips, normalisation.
 
-Official recipe (VNL ``customized_video_input_op.h``; official.md §3.2):
+Official recipe (facebookresearch/video-nonlocal-net, ``customized_video_input_op.h``):
 
 - training: the shorter side is rescaled to a uniform random integer in ``[256, 320]`` (aspect ratio kept),
   then a random 224x224 crop and a horizontal flip with probability 0.5, the same for every frame of a clip;

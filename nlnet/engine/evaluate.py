@@ -264,8 +264,17 @@ def build_eval_loader(
     )
 
 
-def _video_name(dataset: Any, index: int) -> str:
-    return str(dataset.records[index].path)
+def _scored_videos(predictions: Predictions, dataset: Any) -> list[dict[str, Any]]:
+    """One entry per scored video, in dataset order, for the results JSON."""
+    return [
+        {
+            "index": int(index),
+            "video": str(dataset.records[int(index)].path),
+            "label": label.tolist(),
+            "scores": [float(s) for s in scores],
+        }
+        for index, label, scores in zip(predictions.indices, predictions.labels, predictions.scores, strict=True)
+    ]
 
 
 def test(
@@ -327,16 +336,6 @@ def test(
                 stacklevel=2,
             )
         if ctx.is_main:
-            dataset = loader.dataset
-            videos = [
-                {
-                    "index": int(index),
-                    "video": _video_name(dataset, int(index)),
-                    "label": label.tolist(),
-                    "scores": [float(s) for s in scores],
-                }
-                for index, label, scores in zip(result.indices, result.labels, result.scores, strict=True)
-            ]
             document = {
                 "checkpoint": str(checkpoint),
                 "split": split,
@@ -344,7 +343,7 @@ def test(
                 "multi_label": multi_label,
                 "metrics": metrics,
                 "skipped": result.skipped,
-                "videos": videos,
+                "videos": _scored_videos(result, loader.dataset),
             }
             atomic_write(output, lambda handle: handle.write(json.dumps(document, indent=1).encode("utf-8")))
         return {"metrics": metrics, "skipped": result.skipped, "output": str(output)}

@@ -162,25 +162,9 @@ def create(
     model = detector_class(backbone, num_classes=num_classes, **kwargs)
 
     if nonlocal_backbone:
-        body = model.backbone.body
-        res4 = body["layer3"]
-        if len(res4) != spec.res4_blocks:
-            raise RuntimeError(
-                f"torchvision's res4 has {len(res4)} blocks, the preset expects {spec.res4_blocks}"
-            )
-        channels = res4[-1].conv3.out_channels
-        body["layer3"] = _insert_after(
-            res4, {spec.backbone_nonlocal_after: _make_block(channels, nonlocal_mode)}
-        )
+        _add_backbone_block(model, spec, nonlocal_mode)
     if nonlocal_head:
-        head = model.roi_heads.keypoint_head
-        convs = [index for index, module in enumerate(head) if isinstance(module, nn.Conv2d)]
-        blocks = {}
-        for conv_number in spec.head_nonlocal_after_convs:
-            conv_index = convs[conv_number - 1]
-            # the block reads the conv's activated output, so it follows the ReLU right after the conv
-            blocks[conv_index + 1] = _make_block(head[conv_index].out_channels, nonlocal_mode)
-        model.roi_heads.keypoint_head = _insert_after(head, blocks)
+        _add_keypoint_head_blocks(model, spec, nonlocal_mode)
     return model
 
 
@@ -288,6 +272,28 @@ def load_backbone_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
     body.load_state_dict(backbone_state, strict=False)
     missing_nonlocal = [f"backbone.body.{k}" for k in own if _is_nonlocal_key(k)]
     return LoadReport(missing_nonlocal=missing_nonlocal, skipped_mismatched=[])
+
+
+def _add_backbone_block(model: MaskRCNN | KeypointRCNN, spec: DetectorPreset, mode: str) -> None:
+    """Insert the preset's non-local block into res4 (torchvision's ``layer3``) of the backbone body."""
+    body = model.backbone.body
+    res4 = body["layer3"]
+    if len(res4) != spec.res4_blocks:
+        raise RuntimeError(f"torchvision's res4 has {len(res4)} blocks, the preset expects {spec.res4_blocks}")
+    channels = res4[-1].conv3.out_channels
+    body["layer3"] = _insert_after(res4, {spec.backbone_nonlocal_after: _make_block(channels, mode)})
+
+
+def _add_keypoint_head_blocks(model: KeypointRCNN, spec: DetectorPreset, mode: str) -> None:
+    """Insert the preset's non-local blocks into the keypoint head, each after the numbered convolution."""
+    head = model.roi_heads.keypoint_head
+    convs = [index for index, module in enumerate(head) if isinstance(module, nn.Conv2d)]
+    blocks = {}
+    for conv_number in spec.head_nonlocal_after_convs:
+        conv_index = convs[conv_number - 1]
+        # the block reads the conv's activated output, so it follows the ReLU right after the conv
+        blocks[conv_index + 1] = _make_block(head[conv_index].out_channels, mode)
+    model.roi_heads.keypoint_head = _insert_after(head, blocks)
 
 
 def _make_block(channels: int, mode: str) -> NonLocalBlock:

@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 
+from nlnet.data.annotations import read_annotations
 from nlnet.data.builtin import (
     COLOURS,
     SHAPES,
@@ -21,7 +22,6 @@ from nlnet.data.builtin import (
     scene_label,
     write_builtin,
 )
-from nlnet.data.datasets import read_annotations
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)
 

@@ -11,8 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from nlnet.engine.checkpoint import checkpoint_path, save_checkpoint
+from nlnet.engine.distributed import configure_backends
 
 SCRIPT = Path(__file__).with_name("dist_scenarios.py")
 
@@ -92,3 +94,17 @@ def test_precise_bn_of_nl_i3d_over_two_ranks_equals_the_moments_of_all_their_inp
         assert "errors" in rank, rank
         assert any(name.startswith("res3") and "nonlocal" in name for name in rank["errors"]), rank
         assert max(rank["errors"].values()) < 1e-5, rank["errors"]
+
+
+def test_cudnn_benchmark_and_tf32_are_set_for_cuda_only():
+    before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        configure_backends("cpu", cudnn_benchmark=True, tf32=True)
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+        configure_backends(torch.device("cuda", 0), cudnn_benchmark=True, tf32=True)
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

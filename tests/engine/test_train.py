@@ -2,11 +2,13 @@
 
 Every run here uses the real pieces: PyAV-decoded H.264 files, ``nlnet.models.create`` (a non-local C2D with
 one block per stage at width 4), ``nlnet.data`` datasets and loaders, and ``python -m nlnet`` / ``torchrun`` in
-child processes where the behaviour under test is about processes.
+child processes where the behaviour under test is about processes. Single-process checks of the loop follow:
+CPU resume load, uint8 loaders and persistent workers, the log-period loss and its finite check.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -19,13 +21,21 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import nlnet.engine.train as train_module
 from nlnet.cli import main
 from nlnet.data import AnnotationError, build_dataset
 from nlnet.engine.checkpoint import checkpoint_path, latest_checkpoint
+from nlnet.engine.distributed import DistContext
 from nlnet.engine.evaluate import test as run_test
 from nlnet.engine.evaluate import top_k_accuracy
-from nlnet.engine.train import train
+from nlnet.engine.train import _Run, train
 from nlnet.models import create
+
+CPU = DistContext(0, 1, 0, torch.device("cpu"), True, "none")
+
+
+def _cfg(video_set, tiny_recipe, out, **overrides):
+    return train_module.resolve_builtin(OmegaConf.create(tiny_recipe(video_set, out, **overrides)))
 
 
 def _records(path: Path) -> list[dict]:
@@ -287,3 +297,67 @@ def test_mixed_precision_runs_the_forward_pass_in_low_precision(tmp_path, video_
     for amp in ("bf16", "fp16"):
         assert first_loss[amp] != first_loss[None]
         assert first_loss[amp] == pytest.approx(first_loss[None], rel=0.05)
+
+
+def test_resume_reads_the_checkpoint_on_the_cpu_whatever_the_compute_device(tmp_path, video_set, tiny_recipe):
+    # A finished run resumed with a non-CPU compute device: the loop has nothing left to do, so only the
+    # checkpoint load runs. Loading with map_location=<compute device> put the RNG states there and NumPy's
+    # could not be rebuilt (TypeError on CUDA; "meta" tensors show it without a GPU).
+    cfg = _cfg(video_set, tiny_recipe, tmp_path / "run", train__max_iter=2, train__precise_bn=False)
+    train(cfg, device="cpu")
+    run = _Run(cfg, CPU)
+    run.ctx = dataclasses.replace(CPU, device=torch.device("meta"))
+    result = run.run(checkpoint_path(tmp_path / "run", 2))
+    assert result["iteration"] == 2
+
+
+def test_loaders_send_uint8_clips_and_only_the_training_loader_keeps_its_workers(tmp_path, video_set, tiny_recipe):
+    cfg = _cfg(video_set, tiny_recipe, tmp_path / "run", train__num_workers=2, train__eval_period=2)
+    run = _Run(cfg, CPU)
+    assert run.loader.persistent_workers
+    assert not run.bn_loader.persistent_workers and not run.val_loader.persistent_workers
+    assert not run.loader.pin_memory  # nothing to pin for on the CPU
+
+    plain = _Run(_cfg(video_set, tiny_recipe, tmp_path / "plain"), CPU)
+    batch = next(iter(plain.loader))
+    assert batch["clip"].dtype == torch.uint8 and batch["clip"].shape == (2, 3, 4, 32, 32)
+
+
+def _losses(path):
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return {r["iter"]: r["loss"] for r in records if r["event"] == "train"}
+
+
+def test_the_logged_loss_is_the_mean_over_the_log_period(tmp_path, video_set, tiny_recipe, one_thread):
+    common = {"train__max_iter": 4, "train__precise_bn": False, "train__checkpoint_period": 4}
+    train(_cfg(video_set, tiny_recipe, tmp_path / "every", train__log_period=1, **common), device="cpu")
+    train(_cfg(video_set, tiny_recipe, tmp_path / "pairs", train__log_period=2, **common), device="cpu")
+    every, pairs = _losses(tmp_path / "every" / "metrics.jsonl"), _losses(tmp_path / "pairs" / "metrics.jsonl")
+    assert sorted(pairs) == [2, 4]
+    assert pairs[2] == pytest.approx((every[1] + every[2]) / 2, rel=1e-12)
+    assert pairs[4] == pytest.approx((every[3] + every[4]) / 2, rel=1e-12)
+
+
+def test_a_nan_loss_in_the_middle_of_a_log_period_is_caught(tmp_path, video_set, tiny_recipe, monkeypatch):
+    real_loss, calls = train_module._loss, []
+
+    def loss(*args):
+        calls.append(1)
+        value = real_loss(*args)
+        return value * torch.nan if len(calls) == 2 else value
+
+    monkeypatch.setattr(train_module, "_loss", loss)
+    cfg = _cfg(
+        video_set, tiny_recipe, tmp_path / "run", train__max_iter=6, train__log_period=3, train__checkpoint_period=6
+    )
+    with pytest.raises(FloatingPointError, match=r"non-finite losses \(over all processes\) in iterations 1-3"):
+        train(cfg, device="cpu")
+    assert len(calls) == 3  # found at the log step, not later
+    # A checkpoint inside the period checks first: the diverged weights are not saved.
+    calls.clear()
+    cfg = _cfg(
+        video_set, tiny_recipe, tmp_path / "save", train__max_iter=6, train__log_period=3, train__checkpoint_period=2
+    )
+    with pytest.raises(FloatingPointError, match="iterations 1-2"):
+        train(cfg, device="cpu")
+    assert not list((tmp_path / "save").glob("checkpoint_*.pt"))

@@ -22,7 +22,7 @@ PUBLISHED_PARAMS_M = {
     # mmaction2 configs/recognition/i3d/README.md: I3D R50 with embedded-Gaussian / dot-product non-local, 35.4M.
     "nl_i3d_r50": (35.4, 0.1),
 }
-# official.md §4 MINE: an analytic count of multiply-adds on a 3x32x224x224 clip, written independently.
+# Multiply-adds (G) on a 3x32x224x224 clip from an analytic count written independently of nlnet's FLOP counter.
 ANALYTIC_GMACS = {
     "c2d_r50": 20.2,
     "nl_c2d_r50": 28.4,

@@ -1,13 +1,26 @@
-"""Evaluation metrics and the fully-convolutional multi-view scoring, against hand-computed values."""
+"""Evaluation metrics and the fully-convolutional multi-view scoring, against hand-computed values; the
+evaluation loader's memory pinning."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from nlnet.engine.evaluate import mean_average_precision, top_k_accuracy, video_scores
+from nlnet.engine.build import build_model
+from nlnet.engine.builtin import resolve_builtin
+from nlnet.engine.distributed import DistContext
+from nlnet.engine.evaluate import build_eval_loader, mean_average_precision, top_k_accuracy, video_scores
+
+CPU = DistContext(0, 1, 0, torch.device("cpu"), True, "none")
+
+
+def _cfg(video_set, tiny_recipe, out, **overrides):
+    return resolve_builtin(OmegaConf.create(tiny_recipe(video_set, out, **overrides)))
 
 
 def test_top_k_accuracy_by_hand():
@@ -86,3 +99,24 @@ def test_video_scores_average_per_location_probabilities_over_space_time_and_vie
     np.testing.assert_allclose(
         single.numpy(), video_scores(_LogitsAreTheInput(), clips[:, :1], multi_label=multi_label).numpy()
     )
+
+
+def test_a_loader_built_for_cuda_pins_memory(tmp_path, video_set, tiny_recipe):
+    cuda = dataclasses.replace(CPU, device=torch.device("cuda", 0))  # only the flag is looked at, no GPU needed
+    loader = build_eval_loader(_cfg(video_set, tiny_recipe, tmp_path / "run"), "val", cuda)
+    assert loader.pin_memory and not loader.persistent_workers
+    assert not build_eval_loader(_cfg(video_set, tiny_recipe, tmp_path / "run"), "val", CPU).pin_memory
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_views_in_chunks_score_like_all_views_at_once(tmp_path, video_set, tiny_recipe, multi_label):
+    model = build_model(_cfg(video_set, tiny_recipe, tmp_path).model).eval()
+    pixels = torch.randint(0, 256, (2, 6, 3, 4, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    floats = (pixels.double() - 114.75) / 57.375  # the recipe's normalisation, written out
+    with torch.no_grad():
+        expected = video_scores(model, floats.float(), multi_label=multi_label)
+        for chunk in (1, 4, 6, 100):
+            got = video_scores(model, pixels, multi_label=multi_label, view_chunk=chunk, mean=114.75, std=57.375)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="need the normalisation mean and std"):
+        video_scores(model, pixels, multi_label=multi_label)

@@ -1,0 +1,24 @@
+"""The ablation table: mean and range over seeds beside the paper's numbers, and lines not yet run."""
+
+from __future__ import annotations
+
+from nlnet.experiments import ABLATION_AXES, format_ablation
+
+
+def test_format_ablation_by_hand():
+    results = {
+        "c2d_s0": {"top1": 0.5, "params": 1234},
+        "c2d_s1": {"top1": 0.7, "params": 1234},
+        "nl_c2d_s0": {"top1": 0.6, "params": 2000},
+    }
+    table = format_ablation(results, ["blocks"], [0, 1])
+    assert table.splitlines() == [
+        f"**{ABLATION_AXES['blocks'][0]}**",
+        "",
+        "| model | params | built-in top-1 (%) | paper top-1 (%) |",
+        "|---|---|---|---|",
+        "| baseline | 1,234 | 60.0 (50.0-70.0, 2 seeds) | 71.8 |",
+        "| 1 block (res4) ~ 1-block | 2,000 | 60.0 (1 of 2 seeds) | 72.7 |",
+        "| 2 blocks (res3, res4) ~ 5-block | | not run | 73.8 |",
+        "| 4 blocks (res2-res5) ~ 10-block | | not run | 74.3 |",
+    ]
