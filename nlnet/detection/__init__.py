@@ -1,7 +1,7 @@
 """Detection with non-local blocks (paper §6): one namespace for the models, data, training and evaluation.
 
 The code lives where the layers of the package put it (``nlnet.models.detection``, ``nlnet.data.coco``,
-``nlnet.engine.detection``); this module gathers the public names::
+``nlnet.engine.detection``, ``nlnet.engine.coco_eval``); this module gathers the public names::
 
     from nlnet import detection
 
@@ -11,15 +11,8 @@ The code lives where the layers of the package put it (``nlnet.models.detection`
 """
 
 from nlnet.data.coco import CocoDetection, collate_detection, flip_map_from_names, make_shapes_coco
-from nlnet.engine.detection import (
-    coco_evaluate,
-    evaluate,
-    evaluate_checkpoint,
-    load_config,
-    measure_cost,
-    predictions_to_coco,
-    train,
-)
+from nlnet.engine.coco_eval import coco_evaluate, evaluate, predictions_to_coco
+from nlnet.engine.detection import evaluate_checkpoint, load_config, measure_cost, train
 from nlnet.models.detection import (
     LoadReport,
     available,

@@ -1,4 +1,4 @@
-"""Atomic checkpoint files, safe loading, and the random-number state that makes a resumed run exact.
+"""Atomic checkpoint files, safe loading, resume and pruning, and the random-number state of an exact resume.
 
 A checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed over the
 target, so a process killed mid-write leaves either the old file or the new one, never a torn one. Loading
@@ -26,8 +26,10 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "prune_checkpoints",
     "resolve_resume",
     "save_checkpoint",
+    "seed_everything",
     "set_rng_state",
 ]
 
@@ -87,6 +89,13 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def prune_checkpoints(directory: str | Path, keep: int) -> None:
+    """Deletes all but the ``keep`` newest checkpoints in ``directory``; ``keep=0`` keeps every one."""
+    if keep:
+        for old in list_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)
+
+
 def resolve_resume(directory: str | Path, resume: bool | str | Path) -> Path | None:
     """The checkpoint a run resumes from, as rank 0 sees it, on every process.
 
@@ -118,6 +127,13 @@ def resolve_resume(directory: str | Path, resume: bool | str | Path) -> Path | N
             f"{value} already holds checkpoints; pass --resume to continue or choose another output_dir"
         )
     return None if value is None else Path(value)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds the torch (CPU and CUDA), NumPy and Python generators: the state :func:`get_rng_state` saves."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def get_rng_state() -> dict[str, Any]:

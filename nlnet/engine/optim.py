@@ -9,6 +9,9 @@ The tiny networks trained on the built-in data set (``nlnet.data.builtin``) lear
 iterations with AdamW (decoupled weight decay, same BN exemption) under a one-cycle schedule (warm-up to the
 base rate, cosine annealing to ~0); ``train.optimizer: adamw`` and ``train.schedule: onecycle`` pick
 them. The defaults stay the paper's.
+
+The detectors (``nlnet.engine.detection``) use Detectron's schedule: a linear warm-up into the same kind of
+steps (``kind="warmup_steps"``).
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "RelativeStepSchedule",
+    "WarmupStepSchedule",
     "build_optimizer",
     "build_scheduler",
     "split_weight_decay",
 ]
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("steps", "onecycle")
+SCHEDULES = ("steps", "onecycle", "warmup_steps")
 
 
 def split_weight_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -105,6 +109,33 @@ class RelativeStepSchedule:
         return self.lrs[bisect.bisect_right(self.steps, iteration) - 1]
 
 
+class WarmupStepSchedule(RelativeStepSchedule):
+    """:class:`RelativeStepSchedule` times a linear warm-up from ``warmup_factor`` to 1 over ``warmup_iters``.
+
+    Plain numbers only, so that ``LambdaLR.state_dict()`` (which stores this object's ``__dict__``) stays
+    loadable with ``weights_only=True``.
+
+    Args:
+        steps, lrs: the step table, as for :class:`RelativeStepSchedule`.
+        warmup_iters: length of the warm-up in iterations (0: none).
+        warmup_factor: multiplier at iteration 0, in (0, 1].
+    """
+
+    def __init__(
+        self, steps: Sequence[int], lrs: Sequence[float], *, warmup_iters: int, warmup_factor: float
+    ) -> None:
+        super().__init__(steps, lrs)
+        self.warmup_iters = int(warmup_iters)
+        self.warmup_factor = float(warmup_factor)
+
+    def __call__(self, iteration: int) -> float:
+        factor = super().__call__(iteration)
+        if iteration < self.warmup_iters:
+            alpha = iteration / self.warmup_iters
+            factor *= self.warmup_factor * (1.0 - alpha) + alpha
+        return factor
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     steps: Sequence[int],
@@ -113,21 +144,28 @@ def build_scheduler(
     kind: str = "steps",
     max_iter: int | None = None,
     warmup_fraction: float = 0.15,
+    warmup_iters: int = 0,
+    warmup_factor: float = 1.0,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-iteration scheduler for every parameter group.
 
     Args:
         optimizer: from :func:`build_optimizer`; its groups' current ``lr`` is the base rate.
-        steps, lrs: the :class:`RelativeStepSchedule` of ``kind="steps"``.
-        kind: "steps" (the paper) or "onecycle" (``OneCycleLR``: cosine warm-up over ``warmup_fraction`` of
-            ``max_iter`` iterations from base/25 to the base rate, then cosine annealing to base/25e4).
+        steps, lrs: the :class:`RelativeStepSchedule` of ``kind="steps"`` and ``kind="warmup_steps"``.
+        kind: "steps" (the paper), "warmup_steps" (the detectors: :class:`WarmupStepSchedule`) or "onecycle"
+            (``OneCycleLR``: cosine warm-up over ``warmup_fraction`` of ``max_iter`` iterations from base/25 to
+            the base rate, then cosine annealing to base/25e4).
         max_iter: total iterations; required for "onecycle".
-        warmup_fraction: share of the iterations spent warming up, in (0, 1).
+        warmup_fraction: share of the iterations spent warming up, in (0, 1) ("onecycle").
+        warmup_iters, warmup_factor: the linear warm-up of "warmup_steps".
     """
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
     if kind == "steps":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, RelativeStepSchedule(steps, lrs))
+    if kind == "warmup_steps":
+        schedule = WarmupStepSchedule(steps, lrs, warmup_iters=warmup_iters, warmup_factor=warmup_factor)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if max_iter is None or max_iter < 1:
         raise ValueError(f"the onecycle schedule needs max_iter >= 1, got {max_iter}")
     if not 0.0 < warmup_fraction < 1.0:

@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -37,10 +35,11 @@ from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.checkpoint import (
     checkpoint_path,
     get_rng_state,
-    list_checkpoints,
     load_checkpoint,
+    prune_checkpoints,
     resolve_resume,
     save_checkpoint,
+    seed_everything,
     set_rng_state,
 )
 from nlnet.engine.distributed import (
@@ -174,10 +173,7 @@ class _Run:
 
             self.val_loader = build_eval_loader(cfg, "val", ctx)
 
-        seed = int(cfg.seed) + ctx.rank
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
+        seed_everything(int(cfg.seed) + ctx.rank)
         model = build_model(cfg.model)
         if self.frozen_bn:
             count = freeze_batchnorm(model)
@@ -346,10 +342,7 @@ class _Run:
         if self.ctx.is_main:
             path = checkpoint_path(self.out, self.iteration)
             save_checkpoint(path, state)
-            keep = int(self.cfg.train.keep_checkpoints)
-            if keep:
-                for old in list_checkpoints(self.out)[:-keep]:
-                    old.unlink(missing_ok=True)
+            prune_checkpoints(self.out, int(self.cfg.train.keep_checkpoints))
             self.log({"event": "checkpoint", "iter": self.iteration, "path": str(path)})
         barrier()
 

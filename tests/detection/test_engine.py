@@ -1,4 +1,4 @@
-"""Detection engine: COCOeval against hand-computed AP, the lr schedule, configs, train + eval end to end."""
+"""Detection engine: COCOeval against hand-computed AP, configs, train + eval end to end."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import nn
 
 from nlnet.cli import main
 from nlnet.data.coco import CocoDetection, make_shapes_coco
+from nlnet.engine import coco_eval
 from nlnet.engine import detection as engine
 
 THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -101,7 +102,7 @@ def test_coco_evaluation_matches_hand_computed_ap(tmp_path) -> None:
         },
     }
     with pytest.warns(UserWarning, match="unreadable"):
-        result = engine.evaluate(_FixedDetector(outputs), dataset, output_dir=tmp_path / "out", verbose=False)
+        result = coco_eval.evaluate(_FixedDetector(outputs), dataset, output_dir=tmp_path / "out", verbose=False)
 
     # Class 1 is found first at every IoU threshold (AP 1); class 2 only at thresholds <= its IoU. The corrupt
     # image 3 is left out: counting its ground truth as missed would halve class 1's recall.
@@ -144,20 +145,13 @@ def test_keypoint_ap_exact_and_far(tmp_path) -> None:
 
     sigmas = [0.1] * 4
     for offset, expected in ((0.0, 1.0), (60.0, 0.0)):
-        results = engine.predictions_to_coco(outputs(offset), image_ids, dataset.category_ids)
-        metrics = engine.coco_evaluate(
+        results = coco_eval.predictions_to_coco(outputs(offset), image_ids, dataset.category_ids)
+        metrics = coco_eval.coco_evaluate(
             dataset.coco, {"keypoints": results["keypoints"]}, image_ids, kpt_oks_sigmas=sigmas, verbose=False
         )
         assert metrics["keypoints"]["AP"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="OKS sigma"):
-        engine.evaluate(_FixedDetector({}), dataset, verbose=False)
-
-
-def test_warmup_then_step_decay() -> None:
-    schedule = engine.WarmupStepSchedule(warmup_iters=10, warmup_factor=0.1, decay_steps=[20, 30], gamma=0.1)
-    assert schedule(0) == pytest.approx(0.1)
-    assert schedule(5) == pytest.approx(0.1 * 0.5 + 0.5)
-    assert [schedule(i) for i in (10, 19, 20, 29, 30, 100)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+        coco_eval.evaluate(_FixedDetector({}), dataset, verbose=False)
 
 
 def test_config_rejects_unknown_keys_and_mismatched_task(tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, weights-only loading, finding the latest, RNG state round trips."""
+"""Checkpoint files: atomic writes, weights-only loading, finding the latest, pruning, seeding, RNG state."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from nlnet.engine.checkpoint import (
     checkpoint_path,
     get_rng_state,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
+    seed_everything,
     set_rng_state,
 )
 
@@ -73,3 +76,22 @@ def test_rng_state_survives_a_checkpoint(tmp_path):
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_array_equal(got[2], expected[2])
     assert got[3] == expected[3]
+
+
+def test_pruning_keeps_the_newest_and_zero_keeps_all(tmp_path):
+    for iteration in (3, 1, 20, 7):
+        save_checkpoint(checkpoint_path(tmp_path, iteration), {"iteration": iteration})
+    prune_checkpoints(tmp_path, 0)
+    assert len(list_checkpoints(tmp_path)) == 4
+    prune_checkpoints(tmp_path, 2)
+    assert list_checkpoints(tmp_path) == [checkpoint_path(tmp_path, 7), checkpoint_path(tmp_path, 20)]
+
+
+def test_seed_everything_seeds_torch_numpy_and_python():
+    draws = []
+    for _ in range(2):
+        seed_everything(5)
+        draws.append((torch.rand(3), np.random.rand(3), random.random()))
+    assert torch.equal(draws[0][0], draws[1][0])
+    np.testing.assert_array_equal(draws[0][1], draws[1][1])
+    assert draws[0][2] == draws[1][2]

@@ -129,3 +129,15 @@ def test_an_existing_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
 def test_an_unknown_recipe_name_lists_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match="neither a file nor a shipped recipe.*kinetics_nl_i3d_r50_32x2"):
         load_config("kinetics_nl_i3d_r50_32x3")
+
+
+def test_the_detection_schema_goes_through_the_same_loader(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  max_iter: 9\n")
+    (tmp_path / "det.yaml").write_text("_base_: base.yaml\nmodel:\n  overrides:\n    min_size: 96\n")
+    cfg = load_config(tmp_path / "det.yaml", ["train.gamma=0.5"], schema="detection")
+    assert (cfg.train.max_iter, cfg.train.gamma, cfg.model.overrides.min_size) == (9, 0.5, 96)
+    assert cfg.model.name == "maskrcnn_r50_fpn" and "steps" not in cfg.train  # not the video schema's keys
+    with pytest.raises(ValueError, match="invalid detection configuration"):
+        load_config(None, ["train.steps=[0]"], schema="detection")
+    with pytest.raises(ValueError, match="schema must be one of"):
+        load_config(None, schema="audio")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from nlnet.engine.optim import RelativeStepSchedule, build_optimizer, build_scheduler
+from nlnet.engine.optim import RelativeStepSchedule, WarmupStepSchedule, build_optimizer, build_scheduler
 from nlnet.models import create
 
 
@@ -117,3 +117,19 @@ def test_onecycle_warms_up_then_anneals_to_near_zero():
         build_scheduler(optimizer, [0], [1.0], kind="onecycle")
     with pytest.raises(ValueError, match="schedule must be one of"):
         build_scheduler(optimizer, [0], [1.0], kind="cosine", max_iter=10)
+
+
+def test_warmup_then_step_decay():
+    # The detection recipe's schedule: decay steps [20, 30] with gamma 0.1 as the step table.
+    schedule = WarmupStepSchedule([0, 20, 30], [1.0, 0.1, 0.1**2], warmup_iters=10, warmup_factor=0.1)
+    assert schedule(0) == pytest.approx(0.1)
+    assert schedule(5) == pytest.approx(0.1 * 0.5 + 0.5)
+    assert [schedule(i) for i in (10, 19, 20, 29, 30, 100)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = build_scheduler(optimizer, [0, 2], [1.0, 0.1], kind="warmup_steps", warmup_iters=2, warmup_factor=0.5)
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.25, 0.375, 0.05, 0.05])
