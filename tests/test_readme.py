@@ -92,8 +92,8 @@ def _write_checkpoint(path: Path) -> None:
     """A checkpoint laid out as ``nlnet train`` writes one: the NL I3D R50 recipe at base width 8 (cheap on CPU)."""
     from omegaconf import OmegaConf
 
-    from nlnet.engine.checkpoint import save_checkpoint
     from nlnet.engine.build import build_network
+    from nlnet.engine.checkpoint import save_checkpoint
     from nlnet.engine.config import load_config
 
     cfg = load_config("kinetics_nl_i3d_r50_32x2", ["model.overrides.base_width=8"])

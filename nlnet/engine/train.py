@@ -106,8 +106,6 @@ class _Run:
     """State of one training run; methods are the loop's steps."""
 
     def __init__(self, cfg: DictConfig, ctx: DistContext) -> None:
-        from nlnet.data import build_dataset, build_loader
-
         self.cfg = cfg
         self.ctx = ctx
         self.out = Path(cfg.output_dir)
@@ -121,6 +119,29 @@ class _Run:
         self.multi_label = bool(cfg.data.multi_label)
         self.frozen_bn = bool(cfg.model.freeze_bn)
 
+        self._build_data()
+        self._build_model()
+        self._build_optimizer()
+        amp = train_cfg.amp
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16")
+
+        self.iteration = 0
+        # Per log period, on the device: sum of the losses, non-finite losses, since iteration period_start.
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        self.loss_steps = 0
+        self.period_start = 0
+        self.skipped: dict[str, None] = {}
+        self.precise_bn_at = -1
+        self.writer = None
+        self.jsonl = None
+
+    def _build_data(self) -> None:
+        """The training set, its resumable loader, and the precise-BN and validation loaders."""
+        from nlnet.data import build_dataset, build_loader
+
+        cfg, ctx, train_cfg = self.cfg, self.ctx, self.cfg.train
         # Workers send uint8 clips (a quarter of float32's bytes through shared memory and the copy to the
         # device), pinned for asynchronous copies on CUDA; they are normalised on the device.
         self.pin_memory = ctx.device.type == "cuda"
@@ -173,6 +194,9 @@ class _Run:
 
             self.val_loader = build_eval_loader(cfg, "val", ctx)
 
+    def _build_model(self) -> None:
+        """The network on the device (frozen or synchronised BN, DDP), seeded per rank."""
+        cfg, ctx, train_cfg = self.cfg, self.ctx, self.cfg.train
         seed_everything(int(cfg.seed) + ctx.rank)
         model = build_model(cfg.model)
         if self.frozen_bn:
@@ -196,8 +220,12 @@ class _Run:
         if ctx.world_size > 1:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(model, device_ids=device_ids)
+
+    def _build_optimizer(self) -> None:
+        """The recipe's optimiser and learning-rate schedule."""
+        train_cfg = self.cfg.train
         self.optimizer = build_optimizer(
-            model,
+            self.model,
             base_lr=float(train_cfg.base_lr),
             momentum=float(train_cfg.momentum),
             nesterov=bool(train_cfg.nesterov),
@@ -213,20 +241,6 @@ class _Run:
             max_iter=int(train_cfg.max_iter),
             warmup_fraction=float(train_cfg.warmup_fraction),
         )
-        amp = train_cfg.amp
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16")
-
-        self.iteration = 0
-        # Per log period, on the device: sum of the losses, non-finite losses, since iteration period_start.
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        self.nonfinite = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        self.loss_steps = 0
-        self.period_start = 0
-        self.skipped: dict[str, None] = {}
-        self.precise_bn_at = -1
-        self.writer = None
-        self.jsonl = None
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
