@@ -5,9 +5,10 @@ from nlnet.data.annotations import (
     AnnotationError,
     VideoRecord,
     class_names_in,
+    kinetics400_class_names,
     read_annotations,
 )
-from nlnet.data.datasets import VideoClipDataset, build_dataset, build_loader, collate_clips
+from nlnet.data.datasets import VideoClipDataset, build_dataset, build_loader, collate_clips, dataset_of_records
 from nlnet.data.transforms import EvalViews, TrainAugment
 from nlnet.data.video import (
     VideoDecodeError,
@@ -30,8 +31,10 @@ __all__ = [
     "center_clip_indices",
     "class_names_in",
     "collate_clips",
+    "dataset_of_records",
     "decode_frames",
     "eval_clip_indices",
+    "kinetics400_class_names",
     "read_annotations",
     "train_clip_indices",
 ]

@@ -26,6 +26,7 @@ import csv
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 __all__ = [
@@ -33,11 +34,15 @@ __all__ = [
     "AnnotationError",
     "VideoRecord",
     "class_names_in",
+    "kinetics400_class_names",
     "read_annotations",
 ]
 
 ANNOTATION_FORMATS = ("kinetics_csv", "path_csv", "folder", "charades")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+# Index order of the official Kinetics-400 models: the label names sorted, as in video-nonlocal-net's
+# process_data/kinetics/classids.json ("abseiling" 0 ... "zumba" 399).
+_KINETICS400_FILE = "kinetics400_classes.txt"
 _CHARADES_ACTION = re.compile(r"c(\d+)\s+\d+(?:\.\d*)?\s+\d+(?:\.\d*)?")
 
 
@@ -259,3 +264,9 @@ def _folder_rows(directory: Path) -> list[_Row]:
             if video.is_file() and video.suffix.lower() in VIDEO_EXTENSIONS:
                 rows.append(_Row(0, video, (class_dir.name,)))
     return rows
+
+
+def kinetics400_class_names() -> list[str]:
+    """The 400 Kinetics class names in the index order of the official models (package data, one a line)."""
+    text = (resources.files("nlnet.data") / _KINETICS400_FILE).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line]

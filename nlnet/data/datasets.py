@@ -39,6 +39,7 @@ __all__ = [
     "build_dataset",
     "build_loader",
     "collate_clips",
+    "dataset_of_records",
 ]
 
 CLIP_MODES = ("train", "center", "test")
@@ -65,7 +66,7 @@ class VideoClipDataset(Dataset):
     ``nlnet.data.transforms.normalize_clips(clip, dataset.mean, dataset.std)`` gives the float32 clips.
     ``label`` is an int64 scalar, or with ``multi_label``
     a float32 (num_classes,) multi-hot vector; ``index`` is the item index. A video that is missing or cannot
-    be decoded is logged as a warning and gives ``{"skipped": str(path), "index": index}`` instead.
+    be decoded is logged as a warning and gives ``{"skipped": str(path), "index": index, "error": why}`` instead.
 
     Args:
         records: the videos and their labels.
@@ -179,7 +180,7 @@ class VideoClipDataset(Dataset):
             clip = self._load_clip(record.path, index)
         except VideoDecodeError as error:
             logger.warning("skipping video %s: %s", record.path, error)
-            return {"skipped": str(record.path), "index": index}
+            return {"skipped": str(record.path), "index": index, "error": str(error)}
         return {"clip": clip, "label": self._label(record), "index": index}
 
     def _load_clip(self, path: Path, index: int) -> torch.Tensor:
@@ -259,10 +260,42 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, *, normalized: bool =
         class_names = class_names_in(train_source, fmt)
     records = read_annotations(source, fmt, root, num_classes, class_names=class_names)
     mode = {"train": "train", "val": "center" if val_mode == "center" else "train", "test": "test"}[split]
+    return dataset_of_records(
+        records,
+        data_cfg,
+        mode,
+        multi_label=bool(data_cfg.get("multi_label", False)),
+        class_names=class_names,
+        normalized=normalized,
+    )
+
+
+def dataset_of_records(
+    records: Sequence[VideoRecord],
+    data_cfg: Mapping[str, Any],
+    mode: str,
+    *,
+    multi_label: bool,
+    class_names: Sequence[str] | None = None,
+    normalized: bool = True,
+) -> VideoClipDataset:
+    """A ``VideoClipDataset`` over ``records`` with the clip and view settings of a config's ``data`` section.
+
+    ``build_dataset`` reads the records from an annotation file; a caller with its own list of videos (such as
+    ``nlnet.engine.predict``) passes them here and gets exactly the same decoding and views.
+
+    Args:
+        records: the videos and their labels.
+        data_cfg: the ``data`` keys of ``build_dataset`` (``num_classes``, ``num_frames``, ``test_clips``, ...).
+        mode: ``train``, ``center`` or ``test`` (``VideoClipDataset``'s modes).
+        multi_label: labels are multi-hot vectors (``VideoClipDataset``'s ``multi_label``).
+        class_names: names of the classes in index order, or None.
+        normalized: float32 normalised clips, or uint8 pixels.
+    """
     return VideoClipDataset(
         records,
-        num_classes=num_classes,
-        multi_label=bool(data_cfg.get("multi_label", False)),
+        num_classes=int(data_cfg["num_classes"]),
+        multi_label=multi_label,
         num_frames=int(data_cfg["num_frames"]),
         sampling_rate=int(data_cfg["sampling_rate"]),
         mode=mode,

@@ -155,7 +155,9 @@ def test_missing_truncated_and_broken_videos_are_skipped_and_reported(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="nlnet.data.datasets"):
         items = [dataset[i] for i in range(4)]
     for index, path in [(1, "missing.mp4"), (2, "cut.mp4"), (3, "broken.mp4")]:
+        error = items[index].pop("error")
         assert items[index] == {"skipped": str(tmp_path / path), "index": index}
+        assert error and error in caplog.text
         assert str(tmp_path / path) in caplog.text
     batch = collate_clips(items)
     assert batch["clip"].shape == (1, 3, 4, 28, 28)
