@@ -126,6 +126,54 @@ def _test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_predict(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        parents=[common],
+        help="classify your own videos with a checkpoint (its recipe's test protocol)",
+        description="Print the top-k classes of each video (files, or every video in a folder) with the test "
+        "protocol of the checkpoint's recipe: test_clips x test_crops views, fully convolutional, or one centre "
+        "view with --single-view. Class names come from --classes, else the recipe, else Kinetics-400.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="nlnet checkpoint or a `nlnet convert caffe2` file")
+    parser.add_argument("videos", nargs="+", metavar="VIDEO_OR_FOLDER", help="video files and folders of videos")
+    parser.add_argument("--top-k", type=int, default=5, help="classes listed per video (default 5)")
+    parser.add_argument("--classes", help="file of class names, one a line, or 'kinetics400'")
+    parser.add_argument("--single-view", action="store_true", help="one centre clip, centre crop per video")
+    parser.add_argument("--config", help="recipe name or YAML file (default: the checkpoint's recipe)")
+    parser.add_argument("--json", help="write the predictions, with every class's score, to this JSON file")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.set_defaults(func=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from nlnet.engine.predict import predict
+
+    result = predict(
+        args.checkpoint,
+        args.videos,
+        top_k=args.top_k,
+        classes=args.classes,
+        single_view=args.single_view,
+        config=args.config,
+        output=args.json,
+        device=args.device,
+    )
+    failed = 0
+    for entry in result["videos"]:
+        if "error" in entry:
+            failed += 1
+            print(f"{entry['video']}: unreadable: {entry['error']}")
+            continue
+        print(entry["video"])
+        for rank, guess in enumerate(entry["top_k"], start=1):
+            print(f"  {rank}. {guess['class']}  {guess['probability']:.4f}")
+    if args.json:
+        print(f"predictions: {args.json}")
+    # Non-zero when a video could not be read, so that scripts notice; the others were still predicted.
+    return 1 if failed else 0
+
+
 # ------------------------------------------------------------------------------------------------- detection
 
 
@@ -466,7 +514,9 @@ def _ablate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ the parser
 
 
-_COMMANDS = (_add_train, _add_test, _add_detect, _add_info, _add_convert, _add_visualize, _add_demo, _add_ablate)
+_COMMANDS = (
+    _add_train, _add_test, _add_predict, _add_detect, _add_info, _add_convert, _add_visualize, _add_demo, _add_ablate
+)
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Training and evaluation: config, loop, precise BN, checkpoints, distributed set-up, metrics.
 
-``train`` and ``test`` are imported lazily (they pull in the data pipeline, TensorBoard and tqdm).
+``train``, ``test`` and ``predict`` are imported lazily (they pull in the data pipeline, TensorBoard and tqdm).
 """
 
 from nlnet.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -13,6 +13,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "load_config",
+    "predict",
     "save_checkpoint",
     "setup_distributed",
     "test",
@@ -29,4 +30,11 @@ def __getattr__(name: str):
         from nlnet.engine.evaluate import test
 
         return test
+    if name == "predict":
+        from nlnet.engine.predict import predict
+
+        # Importing the submodule nlnet.engine.predict bound that name to the module; the function replaces it,
+        # so that nlnet.engine.predict stays the function after this first access.
+        globals()["predict"] = predict
+        return predict
     raise AttributeError(f"module 'nlnet.engine' has no attribute {name!r}")
