@@ -4,13 +4,17 @@
 
 with the four pairwise functions f of the paper's §3.2, in 1D, 2D and 3D, x̂ = x sub-sampled by max pooling
 or features from elsewhere (``memory``, e.g. a long-term feature bank). Defaults follow the released models
-(official.md §1.2, §7): keys and values pooled 1×2×2 *before* φ and g, the softmax scaled by d^-0.5, biases on
-all four 1×1 convolutions, BN after W_z with γ = 0 so the block starts as the identity.
+(the official Caffe2 ``nonlocal_helper.py``, which PySlowFast and pytorchvideo port): keys and values pooled
+1×2×2 *before* φ and g (the paper's figure pools after them), the softmax scaled by d^-0.5 (``USE_SCALE``, which
+the paper does not mention), biases on all four 1×1 convolutions, BN after W_z with γ = 0 so the block starts
+as the identity.
 
 What is special here is how the block is computed: no N×M affinity is kept for backward (see ``pairwise``),
 projections are written straight into the position-major layout the kernels read, φ and g of the pooled input
 are one GEMM that keeps neither the pooled map nor its int64 argmax (backward pools again), and in training the
 BatchNorm after W_z recomputes its input from y instead of storing it wherever that is cheap (at least C/2 keys).
+Those fused autograd Functions live in ``projection``, the pairwise kernels in ``pairwise``. Double backward is
+exact on every path but scaled_dot_product_attention's (where it raises, naming ``impl="explicit"``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
 from nlnet.layers import pairwise
+from nlnet.layers.projection import _MaxPool, _PoolProject, _project, _ProjectBatchNorm, _torch_max_pool, _window_max
 
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 EXTENTS = ("spacetime", "space", "time")
@@ -30,8 +35,6 @@ _DEFAULT_POOL = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _LAYOUT = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}
-_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-_MAX_UNPOOL = {1: F.max_unpool1d, 2: F.max_unpool2d, 3: F.max_unpool3d}
 
 
 class NonLocalBlock(nn.Module):
@@ -57,7 +60,9 @@ class NonLocalBlock(nn.Module):
             frames at the same place), the paper's Table 2d. Pooling is applied along the axes attended over.
         temporal_groups: 3D only: attend within groups of this many consecutive frames (the official long-clip
             models use 4 at res3).
-        impl: ``"auto"`` for the memory-lean exact kernels, ``"explicit"`` to build the N×M weights literally.
+        impl: ``"auto"`` for the memory-lean exact kernels, ``"explicit"`` to build the N×M weights literally
+            (plain torch ops: twice differentiable everywhere, where ``"auto"`` refuses a double backward through
+            scaled_dot_product_attention).
     """
 
     def __init__(
@@ -167,7 +172,7 @@ class NonLocalBlock(nn.Module):
         """
         source = self._check_inputs(x, memory)
         queries, keys, values = self._embed(x, source)
-        dtype = pairwise.compute_dtype(values)
+        embed_dtype, dtype = values.dtype, pairwise.compute_dtype(values)
         with pairwise.autocast_off(x):
             queries, keys, values = queries.to(dtype), keys.to(dtype), values.to(dtype)
             if self.impl == "explicit":
@@ -178,6 +183,10 @@ class NonLocalBlock(nn.Module):
                 y = pairwise.concatenation_attention(queries, keys, values)
             else:
                 y = pairwise.softmax_attention(queries, keys, values, self.scale_factor)
+        if pairwise.autocast_dtype(x) is None:
+            # A float16 module's pairwise part ran in float32: W_z, BN and the output are in the module's dtype.
+            # (Under float16 autocast y stays float32, as autocast would keep a float32 op's output.)
+            y = y.to(embed_dtype)
         y = self._ungroup(y, x.shape[2:])  # (B, N, d)
         # Recomputing W_z y in backward costs one C·d multiply-add per query; with at least C/2 keys the pairwise
         # part costs more (M·d, twice), so the memory is bought cheaply. With fewer keys (res4: 196 keys, 1024
@@ -291,9 +300,12 @@ class NonLocalBlock(nn.Module):
         elif self.mode == "concatenation":
             weight_theta, weight_phi = self.concat.weight[0].split(self.inner_channels)
             # a_i = w_θ·(W_θ x_i + b_θ) = (W_θᵀ w_θ)·x_i + w_θ·b_θ: θ itself is never materialised.
-            folded = weight_theta @ self.theta.weight.flatten(1)
-            queries = (torch.matmul(folded, x.flatten(2)) + weight_theta @ self.theta.bias)[:, None]  # (B, 1, N)
-            keys = torch.matmul(weight_phi, phi)[:, None]  # (B, 1, M)
+            # Batched GEMMs with row vectors expanded over the batch: matmul folds (C,) @ (B, C, N) into one GEMM
+            # over a transposed copy of x, which it keeps for backward (as many bytes as x).
+            folded = weight_theta @ self.theta.weight.flatten(1)  # (C,)
+            flat = x.flatten(2)
+            queries = torch.bmm(folded.expand(flat.shape[0], 1, -1), flat) + weight_theta @ self.theta.bias
+            keys = torch.bmm(weight_phi.expand(phi.shape[0], 1, -1), phi)  # (B, 1, d) @ (B, d, M) -> (B, 1, M)
         else:
             queries, keys = _project(x, self.theta), phi
         key_shape = self._key_shape(source.shape[2:])
@@ -356,9 +368,14 @@ class NonLocalBlock(nn.Module):
         batch = y.shape[0]
         weight = self.out.weight.flatten(1)
         norm = self.norm
+        # The fused kernel only pays where backward will run (under no_grad, as in precise BN and evaluation,
+        # there is nothing to save), and it is all the module would do only where calling the module runs nothing
+        # else: no hooks (precise BN's pre-hooks read the BN input), no forward replaced on the instance. With one
+        # value per channel or none the module runs too: nn.BatchNorm raises (one) or passes the empty batch (none).
         fused = (
-            recompute and self.impl == "auto" and norm is not None and norm.training and norm.track_running_stats
-            and type(norm) is _BATCH_NORM[self.dim]
+            recompute and self.impl == "auto" and torch.is_grad_enabled() and batch * y.shape[1] > 1
+            and norm is not None and norm.training and norm.track_running_stats
+            and type(norm) is _BATCH_NORM[self.dim] and not _calls_more_than_forward(norm)
         )
         if fused:
             norm.num_batches_tracked.add_(1)
@@ -376,153 +393,15 @@ class NonLocalBlock(nn.Module):
         return projected if norm is None else norm(projected)
 
 
-class _ProjectBatchNorm(torch.autograd.Function):
-    """Training-mode BN(W y + b) that keeps y (already kept by the attention) instead of W y + b.
-
-    The BatchNorm input is the block's largest activation (C × N); storing it costs more memory than
-    recomputing it in backward costs time (one C × d GEMM). The normalisation itself is torch's own kernel,
-    which also updates the running statistics.
-    """
-
-    @staticmethod
-    def forward(ctx, y, weight, bias, gamma, beta, running_mean, running_var, momentum, eps):
-        projected = _project_for_norm(y, weight, bias)  # (B, C, N)
-        out, mean, invstd = torch.native_batch_norm(
-            projected, gamma, beta, running_mean, running_var, True, momentum, eps
-        )
-        ctx.save_for_backward(y, weight, bias, gamma, mean, invstd)
-        ctx.eps = eps
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        y, weight, bias, gamma, mean, invstd = ctx.saved_tensors
-        projected = _project_for_norm(y, weight, bias)
-        grad_projected, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(), projected, gamma, None, None, mean, invstd, True, ctx.eps, [True, True, True]
-        )
-        grad_bias = grad_projected.sum((0, 2)).to(bias.dtype)
-        grad_weight = torch.bmm(grad_projected, y).sum(0).to(weight.dtype)  # (B, C, N) @ (B, N, d)
-        grad_y = torch.bmm(grad_projected.mT, weight.to(y.dtype).expand(y.shape[0], -1, -1))
-        return grad_y, grad_weight, grad_bias, grad_gamma, grad_beta, None, None, None, None
-
-
-class _MaxPool(torch.autograd.Function):
-    """``max_pool(x, kernel, kernel)`` that keeps x for backward but not the int64 argmax indices (twice the
-    pooled map's bytes): backward finds the maxima again."""
-
-    @staticmethod
-    def forward(ctx, source, kernel):
-        ctx.save_for_backward(source)
-        ctx.kernel = kernel
-        return _window_max(source, kernel)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (source,) = ctx.saved_tensors
-        return _unpool_grad(source, ctx.kernel, grad_out), None
-
-
-def _torch_max_pool(source: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
-    """``F.max_poolNd(source, kernel, kernel)``: the literal pooling of the explicit path."""
-    return _MAX_POOL[len(kernel)](source, kernel, kernel)
-
-
-def _window_max(source: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
-    """``max_pool(source, kernel, kernel)`` (windows not overlapping, remainders dropped) by strided slices,
-    one axis at a time: the same numbers, NaN included, several times faster on CPU than ``max_pool3d`` for the
-    block's 1×2×2 windows (whose kernel is not vectorised for small maps)."""
-    out = source
-    for axis in range(source.dim() - 1, 1, -1):
-        k = kernel[axis - 2]
-        if k > 1:
-            size = out.shape[axis] // k
-            windows = out.narrow(axis, 0, size * k).unflatten(axis, (size, k))
-            out = windows.select(axis + 1, 0)
-            for index in range(1, k):
-                out = torch.maximum(out, windows.select(axis + 1, index))
-    return out
-
-
-def _unpool_grad(
-    source: torch.Tensor, kernel: tuple[int, ...], grad_pooled: torch.Tensor, indices: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The gradient reaching ``source`` through ``max_pool(source, kernel, kernel)``: each window's to the
-    element ``max_pool``'s backward picks (its argmax ``indices``, found again when not given)."""
-    with torch.no_grad():
-        if indices is None:
-            _, indices = _MAX_POOL[len(kernel)](source, kernel, kernel, return_indices=True)
-        unpool = _MAX_UNPOOL[len(kernel)]
-        return unpool(grad_pooled.to(source.dtype), indices, kernel, kernel, output_size=source.shape[2:])
-
-
-class _PoolProject(torch.autograd.Function):
-    """[W_1; W_2; ...] · maxpool(x) + [b_1; b_2; ...], (B, C, *S) -> (B, Σ C_out, M), keeping only x.
-
-    One GEMM for several 1×1 convolutions of the same pooled input (φ and g). x is the block's input, kept by
-    its caller and by θ anyway; the pooled map and the int64 argmax indices that ``max_pool`` + convolutions
-    would keep are recomputed in backward by pooling x again.
-    """
-
-    @staticmethod
-    def forward(ctx, source, kernel, *weights_and_biases):
-        weight, bias = _stack_convs(weights_and_biases)
-        pooled = _window_max(source, kernel)
-        ctx.save_for_backward(source, *weights_and_biases)
-        ctx.kernel = kernel
-        return torch.baddbmm(bias[:, None], _batched_weight(weight, source), pooled.flatten(2))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        source, *weights_and_biases = ctx.saved_tensors
-        kernel = ctx.kernel
-        dtype = grad_out.dtype  # the forward's GEMM dtype (lower under autocast)
-        with torch.no_grad(), pairwise.autocast_off(source):
-            pooled, indices = _MAX_POOL[len(kernel)](source, kernel, kernel, return_indices=True)
-            grad_weight = torch.bmm(grad_out, pooled.flatten(2).to(dtype).mT).sum(0)
-            grad_bias = grad_out.sum((0, 2))
-            grad_source = None
-            if ctx.needs_input_grad[0]:
-                weight = _stack_convs(weights_and_biases)[0].to(dtype)
-                grad_pooled = torch.bmm(weight.mT.expand(source.shape[0], -1, -1), grad_out)
-                grad_source = _unpool_grad(source, kernel, grad_pooled.view(pooled.shape), indices)
-        sizes = [w.shape[0] for w in weights_and_biases[::2]]
-        grads = []
-        for grad_w, grad_b, w, b in zip(
-            grad_weight.split(sizes), grad_bias.split(sizes), weights_and_biases[::2], weights_and_biases[1::2],
-            strict=True,
-        ):
-            grads += [grad_w.reshape(w.shape).to(w.dtype), grad_b.to(b.dtype)]
-        return grad_source, None, *grads
-
-
-def _stack_convs(weights_and_biases) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W_1, b_1, W_2, b_2, ...) of 1×1 convolutions -> the stacked (Σ C_out, C_in) weight and its bias."""
-    weights, biases = weights_and_biases[::2], weights_and_biases[1::2]
-    return torch.cat([w.flatten(1) for w in weights]), torch.cat(biases)
-
-
-def _project_for_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    with pairwise.autocast_off(y):
-        return torch.baddbmm(bias.to(y.dtype)[:, None], weight.to(y.dtype).expand(y.shape[0], -1, -1), y.mT)
-
-
-def _project(features: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """A 1×1 convolution as one batched GEMM: (B, C_in, *S) -> (B, C_out, prod(S)).
-
-    Faster than the CPU's 1×1×1 ``conv3d`` and its backward, and the same numbers.
-    """
-    flat = features.flatten(2)  # (B, C_in, P)
-    return torch.baddbmm(conv.bias[:, None], _batched_weight(conv.weight.flatten(1), flat), flat)
-
-
-def _batched_weight(weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """A (C_out, C_in) weight as a (B, C_out, C_in) view for a batched GEMM with ``features`` (B, C_in, P).
-
-    Under autocast the weight is cast first: autocast casting the expanded view would copy it B times.
-    """
-    dtype = pairwise.autocast_dtype(features)
-    return (weight if dtype is None else weight.to(dtype)).expand(features.shape[0], -1, -1)
+def _calls_more_than_forward(module: nn.Module) -> bool:
+    """Whether ``module(...)`` runs anything besides its class's ``forward``: hooks of its own or global ones
+    (forward, forward-pre, backward), or a ``forward`` replaced on the instance."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return (
+        "forward" in vars(module)
+        or any(getattr(module, name, None) for name in hooks)
+        or any(getattr(_module_globals, f"_global{name}", None) for name in hooks)
+    )
 
 
 def _position_index(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

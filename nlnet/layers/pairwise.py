@@ -13,7 +13,9 @@ without keeping it:
   binary search. O((N + M) log M) time, O((N + M)·d) memory, no N×M tensor at all.
 
 All functions take batched position-major tensors (views are fine): queries (B, N, d), keys (B, M, d),
-values (B, M, dv).
+values (B, M, dv). Each differentiates twice exactly (the chunked kernel through the literal formula when its
+backward builds a graph) except ``scaled_dot_product_attention``, whose backward torch cannot differentiate:
+there a second backward raises, naming the way out (the block's ``impl="explicit"``).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ FLASH_MAX_HEAD_DIM_CPU = 512
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     """The dtype the pairwise part runs in: the autocast dtype if autocast is on, float16 raised to float32.
 
-    float16 overflows on affinities that float32 and bfloat16 represent (peers.md §4.3), so the pairwise
-    part never runs in it; bfloat16 has float32's range and stays.
+    float16 overflows on affinities that float32 and bfloat16 represent (un-scaled Gaussian logits x_i·x_j over
+    256 channels of post-ReLU features of size ~16 reach 47 000; float16 ends at 65 504), so the pairwise part
+    never runs in it; bfloat16 has float32's range and stays.
     """
     dtype = tensor.dtype
     autocast = autocast_dtype(tensor)
@@ -99,12 +102,60 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if head_dim == v.shape[-1] and not (few_keys or wide_head):
         # (B, 1, N, d) · (B, 1, M, d) -> (B, 1, N, d): the flash kernel keeps only q, k, v, out and the lse,
         # and runs fastest on contiguous inputs.
-        q, k, v = (t.contiguous().unsqueeze(1) for t in (q, k, v))
+        q, k, v = _NoDoubleBackward.apply(*(t.contiguous().unsqueeze(1) for t in (q, k, v)))
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return out.squeeze(1)
     if not few_keys and batch * queries * keys * q.element_size() <= EXPLICIT_AFFINITY_BYTES:
         return torch.bmm(softmax_weights(q, k, scale), v)
     return _ChunkedSoftmaxAttention.apply(q, k, v, scale)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """The identity on SDPA's inputs, so that a double backward through SDPA fails with the way out.
+
+    The backward kernels of scaled_dot_product_attention's flash and memory-efficient paths have no derivative in
+    torch. Under ``create_graph=True`` this hands back the gradients of q, k and v through ``_FailsOnBackward``,
+    which a second backward reaches before SDPA's backward node; a single backward with ``create_graph=True``
+    (``torch.func.grad``) is left alone.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not torch.is_grad_enabled():
+            return grads
+        return tuple(grad if grad is None else _FailsOnBackward.apply(grad) for grad in grads)
+
+
+class _FailsOnBackward(torch.autograd.Function):
+    """The identity, whose backward raises: it marks gradients that cannot be differentiated again."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "double backward is not supported by NonLocalBlock's lean kernels where they run "
+            "scaled_dot_product_attention (torch has no derivative for its backward kernels); build the block "
+            "with impl='explicit' to differentiate it twice"
+        )
 
 
 class _ChunkedSoftmaxAttention(torch.autograd.Function):
@@ -135,7 +186,8 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
             logits = _scaled_logits(q[:, rows], k, scale)  # (B, n, M)
             peak[:, rows] = logits.amax(-1, keepdim=True)
             weights = _exp_(logits.sub_(peak[:, rows]))  # unnormalised, the largest is 1
-            total[:, rows] = weights.sum(-1, keepdim=True)  # summed in float32 at least, whatever the dtype
+            # Summed into float32 at least: a bfloat16 sum is rounded to 8 bits (±4 at 1480) before it is stored.
+            total[:, rows] = weights.sum(-1, keepdim=True, dtype=accumulate)
             out[:, rows] = torch.bmm(weights, v).div_(total[:, rows])
         ctx.save_for_backward(q, k, v, out, peak, total)
         ctx.scale = scale
@@ -145,6 +197,10 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, out, peak, total = ctx.saved_tensors
         scale = ctx.scale
+        if torch.is_grad_enabled():
+            # create_graph=True: the chunk recurrence below treats m_i and t_i as constants, so its own gradient
+            # would be wrong; the literal formula's is exact (and keeps the N×M weights, for this graph only).
+            return (*_softmax_attention_vjp(q, k, v, scale, grad_out), None)
         dtype, accumulate = q.dtype, total.dtype
         # Σ_j p_ij (dout_i · v_j) = dout_i · out_i: the softmax Jacobian's rank-one term, one number per query.
         delta = (grad_out.to(accumulate) * out).sum(-1, keepdim=True)
@@ -166,6 +222,14 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
             _product_into(grad_q[:, rows], grad_logits, k, alpha=scale)
             _product_into(grad_k, grad_logits.mT, q[:, rows], alpha=scale, add=True)
         return grad_q, grad_k.to(dtype), grad_v.to(dtype), None
+
+
+def _softmax_attention_vjp(q, k, v, scale: float, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients of Σ_j softmax_j(scale · q_i·k_j) v_j with respect to q, k and v, by differentiable ops."""
+    weights = softmax_weights(q, k, scale)  # (B, N, M)
+    grad_weights = torch.bmm(grad_out, v.mT)
+    grad_logits = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdim=True)) * scale
+    return torch.bmm(grad_logits, k), torch.bmm(grad_logits.mT, q), torch.bmm(weights.mT, grad_out)
 
 
 def _scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from nlnet import NonLocalBlock
-from nlnet.layers import pairwise
-from nlnet.utils import SavedTensorCounter
+from nlnet.engine.precise_bn import update_bn_stats
 
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 SHAPES = {1: (2, 6, 10), 2: (2, 6, 6, 8), 3: (2, 6, 4, 6, 4)}
@@ -23,6 +24,19 @@ def reference(block: NonLocalBlock, x: torch.Tensor, memory: torch.Tensor | None
 
     Returns (z, weights) with z = x + BN(W_z y) (batch statistics, as in training) and weights (B, N, M).
     """
+    out, weights = reference_projection(block, x, memory)
+    if block.norm is not None:
+        dims = [0] + list(range(2, out.dim()))
+        mean = out.mean(dims, keepdim=True)
+        var = out.var(dims, keepdim=True, unbiased=False)
+        shape = (1, -1) + (1,) * block.dim
+        out = (out - mean) / torch.sqrt(var + block.norm.eps) * block.norm.weight.view(shape)
+        out = out + block.norm.bias.view(shape)
+    return x + out, weights
+
+
+def reference_projection(block: NonLocalBlock, x: torch.Tensor, memory: torch.Tensor | None = None):
+    """(W_z y + b_z, weights): the BN's input (B, C, *S) and the weights (B, N, M), from the formulas."""
     conv = CONV[block.dim]
     source = x if memory is None else memory
     kernel = block.pool_kernel
@@ -61,15 +75,7 @@ def reference(block: NonLocalBlock, x: torch.Tensor, memory: torch.Tensor | None
             weights = torch.relu(torch.einsum("c,bcnm->bnm", w, pairs)) / phi.shape[-1]
             assert pairs.shape[1] == 2 * d
     y = torch.einsum("bnm,bdm->bdn", weights, values).reshape(x.shape[0], -1, *x.shape[2:])
-    out = conv(y, block.out.weight, block.out.bias)
-    if block.norm is not None:
-        dims = [0] + list(range(2, out.dim()))
-        mean = out.mean(dims, keepdim=True)
-        var = out.var(dims, keepdim=True, unbiased=False)
-        shape = (1, -1) + (1,) * block.dim
-        out = (out - mean) / torch.sqrt(var + block.norm.eps) * block.norm.weight.view(shape)
-        out = out + block.norm.bias.view(shape)
-    return x + out, weights
+    return conv(y, block.out.weight, block.out.bias), weights
 
 
 def randomised(block: NonLocalBlock) -> NonLocalBlock:
@@ -206,96 +212,6 @@ def test_gradcheck_fast_paths(mode, dim, size):
     assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-def test_gradcheck_recomputed_product_kernel():
-    q = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(pairwise._RecomputedProductAttention.apply, (q, k, v))
-    torch.testing.assert_close(pairwise._RecomputedProductAttention.apply(q, k, v), q @ k.mT @ v / 3)
-
-
-@pytest.mark.parametrize("dim", [1, 2, 3])
-def test_pooled_projection_keeps_only_its_input_and_matches_pool_then_project(dim):
-    from nlnet.layers.nonlocal_block import _MAX_POOL, _MaxPool, _PoolProject
-
-    kernel = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}[dim]
-    x = torch.randn(2, 5, *([5] * dim), dtype=torch.float64, requires_grad=True)  # odd sizes: floor, as max_pool
-    params = []
-    for out_channels in (3, 4):  # two 1×1 convolutions (φ and g) of the same pooled input
-        params += [torch.randn(out_channels, 5, *([1] * dim), dtype=torch.float64, requires_grad=True)]
-        params += [torch.randn(out_channels, dtype=torch.float64, requires_grad=True)]
-    pooled = _MAX_POOL[dim](x, kernel, kernel).flatten(2)
-    pairs = zip(params[::2], params[1::2], strict=True)
-    expected = torch.cat([w.flatten(1) @ pooled + b[:, None] for w, b in pairs], dim=1)
-    torch.testing.assert_close(_PoolProject.apply(x, kernel, *params), expected)
-    assert torch.autograd.gradcheck(lambda *t: _PoolProject.apply(t[0], kernel, *t[1:]), (x, *params))
-    with SavedTensorCounter(exclude=[x, *params]) as counter:
-        _PoolProject.apply(x, kernel, *params)
-        _MaxPool.apply(x, kernel)
-    assert counter.nbytes == 0
-
-
-def test_window_max_routes_ties_as_max_pool_does():
-    from nlnet.layers.nonlocal_block import _MAX_POOL, _MaxPool
-
-    # ReLU outputs tie at 0 all the time: the gradient must reach the window's first maximum, as max_pool's.
-    x = torch.randn(2, 3, 4, 6, 7, dtype=torch.float64).round().clamp_min(0).requires_grad_(True)
-    for kernel in [(1, 2, 2), (2, 2, 2), (2, 3, 1), (1, 1, 3)]:
-        reference = x.detach().clone().requires_grad_(True)
-        pooled = _MaxPool.apply(x, kernel)
-        expected = _MAX_POOL[3](reference, kernel, kernel)
-        assert torch.equal(pooled, expected)
-        grad = torch.randn_like(pooled)
-        assert torch.equal(torch.autograd.grad(pooled, x, grad)[0], torch.autograd.grad(expected, reference, grad)[0])
-
-
-def test_gradcheck_chunked_softmax_kernel(monkeypatch):
-    monkeypatch.setattr(pairwise, "CHUNK_QUERIES", 3)
-    q = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, k, v: pairwise._ChunkedSoftmaxAttention.apply(q, k, v, 0.7), (q, k, v))
-    expected = torch.softmax(q @ k.mT * 0.7, -1) @ v
-    torch.testing.assert_close(pairwise._ChunkedSoftmaxAttention.apply(q, k, v, 0.7), expected)
-
-
-@pytest.mark.parametrize("scale", (1.0, 0.125))
-def test_chunked_softmax_in_bfloat16_is_as_accurate_as_the_explicit_product(monkeypatch, scale):
-    # Backward must rebuild the forward's weights from numbers bfloat16 holds well: a single rounded log-sum-exp
-    # (±0.25 at 100) or a recompute rounded differently from the forward moved every weight by up to 28 %.
-    monkeypatch.setattr(pairwise, "CHUNK_QUERIES", 64)
-    generator = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(1, n, 64, generator=generator, dtype=torch.float64) * 2 for n in (300, 200))
-    v, grad = torch.randn(1, 200, 32, generator=generator, dtype=torch.float64), torch.randn(1, 300, 32)
-
-    def output_and_grads(function, dtype):
-        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out = function(*inputs)
-        out.backward(grad.to(dtype))
-        return [out.double()] + [t.grad.double() for t in inputs]
-
-    def explicit(q, k, v):
-        return torch.softmax(q @ k.mT * scale, -1) @ v
-
-    reference = output_and_grads(explicit, torch.float64)
-    chunked = output_and_grads(lambda q, k, v: pairwise._ChunkedSoftmaxAttention.apply(q, k, v, scale),
-                               torch.bfloat16)
-    plain = output_and_grads(explicit, torch.bfloat16)
-    for ours, theirs, exact in zip(chunked, plain, reference, strict=True):
-        error, baseline = ((t - exact).norm() / exact.norm() for t in (ours, theirs))
-        assert error <= 1.25 * baseline + 1e-3, (error, baseline)
-
-
-def test_softmax_dispatch_agrees_on_every_path(monkeypatch):
-    torch.manual_seed(0)
-    q, k = torch.randn(2, 40, 8), torch.randn(2, 12, 8)
-    for v in (torch.randn(2, 12, 8), torch.randn(2, 12, 4)):  # SDPA (equal widths), explicit (narrow values)
-        expected = torch.softmax(q @ k.mT * 0.5, -1) @ v
-        torch.testing.assert_close(pairwise.softmax_attention(q, k, v, 0.5), expected)
-    monkeypatch.setattr(pairwise, "EXPLICIT_AFFINITY_BYTES", 0)
-    torch.testing.assert_close(pairwise.softmax_attention(q, k, v, 0.5), expected)  # chunked
-
-
 def test_fused_batch_norm_running_statistics_match_batchnorm():
     block = randomised(NonLocalBlock(6, 4, dim=3)).float()
     plain = NonLocalBlock(6, 4, dim=3, impl="explicit")
@@ -305,6 +221,164 @@ def test_fused_batch_norm_running_statistics_match_batchnorm():
         torch.testing.assert_close(block(x), plain(x), rtol=1e-5, atol=1e-5)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(block.norm, name), getattr(plain.norm, name))
+
+
+# -- training-mode BN: precise BN and hooks, degenerate batches ------------------------------------------------
+# With at least C/2 keys (and in every concatenation block) a training block under grad computes BN(W_z y) in one
+# fused kernel instead of calling its BN module; wherever the module's call would do more (hooks) or there is
+# nothing to save (no_grad), the module itself must run.
+POOLINGS_2D = [(None, "before"), ("default", "before"), ("default", "after")]
+
+
+@pytest.mark.parametrize("pool,position", POOLINGS_2D)
+@pytest.mark.parametrize("mode", MODES)
+def test_precise_bn_sets_the_exact_statistics_of_the_bn_input(mode, pool, position):
+    block = randomised(NonLocalBlock(6, 4, dim=2, mode=mode, pool=pool, pool_position=position))
+    generator = torch.Generator().manual_seed(0)
+    clips = [torch.randn(2, 6, 6, 8, generator=generator, dtype=torch.float64) for _ in range(3)]  # ≥ 12 keys
+    # The BN input W_z y + b of every clip, from the formulas; its exact mean and unbiased variance per channel.
+    inputs = torch.cat([reference_projection(block, clip)[0] for clip in clips])
+    assert update_bn_stats(nn.Sequential(block).train(), clips, len(clips)) == len(clips)
+    torch.testing.assert_close(block.norm.running_mean, inputs.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(block.norm.running_var, inputs.var((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hooks_on_the_norm_run_in_training_with_grad(mode):
+    block = randomised(NonLocalBlock(6, 4, dim=2, mode=mode))
+    x = torch.randn(2, 6, 6, 8, dtype=torch.float64, requires_grad=True)
+    expected, bn_input = reference(block, x)[0], reference_projection(block, x)[0]
+    seen, seen_globally = [], []
+    handles = [
+        block.norm.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0])),
+        torch.nn.modules.module.register_module_forward_hook(
+            lambda module, inputs, output: seen_globally.append(module) if module is block.norm else None
+        ),
+    ]
+    try:
+        out = block(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen) == 1 and len(seen_globally) == 1
+    torch.testing.assert_close(seen[0], bn_input)
+    torch.testing.assert_close(out, expected)
+    grad = torch.autograd.grad(out.square().sum(), x)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), x)[0])
+
+
+@pytest.mark.parametrize("grad", (True, False))
+@pytest.mark.parametrize("mode", MODES)
+def test_one_value_per_channel_in_training_raises_like_batchnorm(mode, grad):
+    block = NonLocalBlock(2, dim=2, mode=mode, pool=None).train()
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        block(torch.randn(1, 2, 1, 1))
+    assert torch.equal(block.norm.running_mean, torch.zeros(2)) and torch.equal(block.norm.running_var, torch.ones(2))
+
+
+@pytest.mark.parametrize("train", (True, False), ids=("train", "eval"))
+@pytest.mark.parametrize(
+    "size,pool,position",
+    [
+        ((6, 8), "default", "before"),
+        ((6, 8), "default", "after"),
+        ((2, 2), None, "before"),
+        ((2, 2), "default", "before"),
+    ],
+    ids=["many-keys-before", "many-keys-after", "4-keys-unpooled", "1-key"],
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_an_empty_batch_goes_forward_and_backward_like_batchnorm(mode, size, pool, position, train):
+    # A Keypoint R-CNN head meets batch 0 on images without positive regions: nn.BatchNorm returns an empty batch,
+    # counts it, and leaves its statistics.
+    block = randomised(NonLocalBlock(6, 4, dim=2, mode=mode, pool=pool, pool_position=position)).train(train)
+    explicit = copy.deepcopy(block)
+    explicit.impl = "explicit"
+    for module in (block, explicit):
+        x = torch.empty(0, 6, *size, dtype=torch.float64, requires_grad=True)
+        out = module(x)
+        assert out.shape == x.shape
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+        assert all(p.grad is None or not p.grad.any() for p in module.parameters())
+    for (name, ours), theirs in zip(block.norm.named_buffers(), explicit.norm.buffers(), strict=True):
+        assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("train", (True, False), ids=("train", "eval"))
+@pytest.mark.parametrize("norm", ("bn", None))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_half_and_bfloat16_modules_keep_their_dtype(dtype, mode, norm, train):
+    # No autocast: the pairwise part of a float16 module runs in float32 (float16 overflows), and the rest is
+    # float16 again.
+    block = randomised(NonLocalBlock(6, 4, dim=2, mode=mode, norm=norm)).float().train(train)
+    low = copy.deepcopy(block).to(dtype)
+    x = torch.randn(2, 6, 6, 8).to(dtype)
+    x_low = x.clone().requires_grad_()
+    out = low(x_low)
+    assert out.dtype == dtype
+    out.float().square().sum().backward()
+    assert x_low.grad.dtype == dtype
+    assert all(p.grad.dtype == dtype for p in low.parameters() if p.grad is not None)
+    expected = block(x.float())  # the float32 module on the same input
+    scale = (expected - x.float()).abs().max()
+    assert scale > 0.5
+    assert (out.float() - expected).abs().max() <= 0.05 * scale
+
+
+@pytest.mark.parametrize("position", ("before", "after"))
+@pytest.mark.parametrize("mode", MODES)
+def test_deterministic_mode_gives_the_usual_gradients(mode, position, deterministic_algorithms):
+    block = randomised(NonLocalBlock(6, 4, dim=3, mode=mode, pool_position=position))
+    # Rounded post-ReLU values: windows with tied maxima, whose gradient goes where max_pool's backward sends it.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 2, 6, 8, generator=generator, dtype=torch.float64).round().clamp_min(0)
+    upstream = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+
+    def output_and_grads():
+        block.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        out = block(inputs)
+        out.backward(upstream)
+        return [out, inputs.grad, *(p.grad for p in block.parameters())]
+
+    torch.use_deterministic_algorithms(True)
+    deterministic = output_and_grads()
+    torch.use_deterministic_algorithms(False)
+    for got, expected in zip(deterministic, output_and_grads(), strict=True):
+        assert torch.equal(got, expected)
+    block.impl = "explicit"  # torch's max_pool and its backward
+    torch.testing.assert_close(deterministic, output_and_grads(), rtol=1e-7, atol=1e-9)
+
+
+# -- double backward -------------------------------------------------------------------------------------------
+# Every lean kernel differentiates twice exactly, except scaled_dot_product_attention (embedded Gaussian with more
+# keys than channels), whose backward has no derivative in torch: there it must raise, saying what to do.
+SDPA_DOUBLE_BACKWARD = "double backward is not supported by NonLocalBlock's lean kernels.*impl='explicit'"
+
+
+@pytest.mark.parametrize("keys", ("few", "many"))
+@pytest.mark.parametrize("pool,position", POOLINGS_2D)
+@pytest.mark.parametrize("mode", MODES)
+def test_double_backward_is_exact_or_refused(mode, pool, position, keys):
+    # C = 6, d = 3: few keys (2) take the recomputing kernels and keep W_z y; many (6 or 12) the others.
+    size = {("few", None): (1, 2), ("few", "default"): (2, 4), ("many", None): (3, 4), ("many", "default"): (4, 6)}
+    block = randomised(NonLocalBlock(6, 3, dim=2, mode=mode, pool=pool, pool_position=position))
+    x = torch.randn(2, 6, *size[keys, pool], dtype=torch.float64, requires_grad=True)
+    names, params = zip(*block.named_parameters(), strict=True)
+
+    def run(x, *flat):
+        return torch.func.functional_call(block, dict(zip(names, flat, strict=True)), (x,))
+
+    block.impl = "explicit"
+    assert torch.autograd.gradgradcheck(run, (x, *params), atol=1e-5, fast_mode=True)
+    block.impl = "auto"
+    if mode == "embedded_gaussian" and keys == "many":
+        with pytest.raises(RuntimeError, match=SDPA_DOUBLE_BACKWARD):
+            torch.autograd.gradgradcheck(run, (x, *params), atol=1e-5, fast_mode=True)
+    else:
+        assert torch.autograd.gradgradcheck(run, (x, *params), atol=1e-5, fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
@@ -419,10 +493,3 @@ def test_meta_device_for_shape_and_flop_counting():
     out = block(x)
     out.sum().backward()
     assert out.shape == x.shape and block.attention(x).shape == (2, 256, 64)
-
-
-@pytest.mark.parametrize("keys", (2, 12))  # few keys: the N×M product; many: reassociation
-def test_dot_product_kernel_on_both_paths(keys):
-    q, k = torch.randn(2, 40, 8, dtype=torch.float64), torch.randn(2, keys, 8, dtype=torch.float64)
-    v = torch.randn(2, keys, 8, dtype=torch.float64)
-    torch.testing.assert_close(pairwise.dot_product_attention(q, k, v), (q @ k.mT / keys) @ v)
