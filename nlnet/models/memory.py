@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 
 from nlnet.models.registry import create
 from nlnet.utils.memory import SavedTensorCounter
@@ -49,7 +50,9 @@ def parse_memory_size(text: str) -> int:
     """
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
     if match is None or match.group(2) not in _UNITS:
-        raise ValueError(f"memory size must be a number with a unit ({', '.join(u for u in _UNITS if u)}), got {text!r}")
+        raise ValueError(
+            f"memory size must be a number with a unit ({', '.join(u for u in _UNITS if u)}), got {text!r}"
+        )
     size = int(float(match.group(1)) * _UNITS[match.group(2)])
     if size <= 0:
         raise ValueError(f"memory size must be positive, got {text!r}")
@@ -209,11 +212,33 @@ def _saved_bytes(
     clips = torch.empty(batch, *input_shape)
     labels = torch.zeros(batch, dtype=torch.long)
     exclude = [clips, labels, *model.parameters(), *model.buffers()]
-    # Autocast on the CPU, the device of the fake tensors: it casts the same ops to bfloat16 as on CUDA
-    # (convolutions, matrix products) and leaves batch norm in its input's dtype.
-    with SavedTensorCounter(exclude=exclude) as counter, torch.autocast("cpu", torch.bfloat16, enabled=amp is not None):
+    # Autocast on the CPU, the device of the fake tensors, casts the convolutions and matrix products to
+    # bfloat16 as CUDA's does; its pools are made to keep their input's dtype, as CUDA's do.
+    autocast = torch.autocast("cpu", amp or torch.float32, enabled=amp is not None)
+    with SavedTensorCounter(exclude=exclude) as counter, autocast, _PoolsKeepDtype(enabled=amp is not None):
         F.cross_entropy(model(clips), labels)
     return counter.nbytes
+
+
+class _PoolsKeepDtype(TorchFunctionMode):
+    """Runs 3D pooling with autocast off, so that it returns its input's dtype.
+
+    CPU autocast lists max_pool3d and avg_pool3d among the ops it runs in float32; CUDA autocast does not,
+    so on the GPU the pools after the stem and res2 stay bfloat16. Without this the plan would keep a
+    float32 map there, and a bfloat16 copy of it for the next convolution.
+    """
+
+    _POOLS = frozenset({F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, torch.max_pool3d})
+
+    def __init__(self, enabled: bool) -> None:
+        super().__init__()
+        self.enabled = enabled
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.enabled and func in self._POOLS:
+            with torch.autocast("cpu", enabled=False):
+                return func(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 def _plan(measure: Callable[[int], int], batch: int, room: int | None) -> ActivationPlan:
