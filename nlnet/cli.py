@@ -262,12 +262,26 @@ def _add_info(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=400)
     parser.add_argument("--clip", choices=("32x2", "8x8"), default="32x2", help="stem variant")
     parser.add_argument("--nonlocal-blocks", help="override: 0, 1, 5, 10 or res2..res5")
+    memory = parser.add_argument_group(
+        "training memory", "--train-memory plans one training step per GPU on fake tensors (nothing allocated)"
+    )
+    memory.add_argument(
+        "--train-memory",
+        action="store_true",
+        help="parameters + gradients + SGD momentum and activations, nlnet's blocks beside explicit N×M ones",
+    )
+    memory.add_argument("--batch", type=int, default=8, help="clips per GPU (default 8)")
+    memory.add_argument("--size", type=int, default=224, help="crop height and width; --clip gives the frames")
+    memory.add_argument("--amp", choices=("bf16",), help="plan under autocast to bfloat16 (default float32)")
+    memory.add_argument("--gpu-memory", metavar="SIZE", help="e.g. 80GiB: also print the largest batch that fits")
     parser.set_defaults(func=_info)
 
 
 def _info(args: argparse.Namespace) -> int:
     from nlnet.models import available, describe
 
+    if args.train_memory:
+        return _train_memory(args)
     try:
         shape = tuple(int(size) for size in args.input.lower().split("x"))
     except ValueError:
@@ -284,6 +298,26 @@ def _info(args: argparse.Namespace) -> int:
     for name in available("video"):
         info = describe(name, args.num_classes, shape, **overrides)
         print(f"{name:<16}{info.params / 1e6:>9.2f}M{info.macs / 1e9:>9.2f}{len(info.nonlocal_inputs):>4}")
+    return 0
+
+
+def _train_memory(args: argparse.Namespace) -> int:
+    from nlnet.models.memory import training_memory
+
+    if args.name == "all":
+        raise ValueError("--train-memory plans one model; give its NAME, e.g. nl_i3d_r50")
+    overrides = {} if args.nonlocal_blocks is None else {"nonlocal_blocks": args.nonlocal_blocks}
+    plan = training_memory(
+        args.name,
+        args.batch,
+        clip=args.clip,
+        size=args.size,
+        amp=args.amp,
+        gpu_memory=args.gpu_memory,
+        num_classes=args.num_classes,
+        **overrides,
+    )
+    print(plan.summary())
     return 0
 
 

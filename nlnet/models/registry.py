@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from nlnet.layers import NonLocalBlock
-from nlnet.layers.nonlocal_block import EXTENTS, MODES
+from nlnet.layers.nonlocal_block import EXTENTS, IMPLS, MODES
 from nlnet.models import detection
 from nlnet.models.presets import CLIPS, INFLATIONS, PRESETS, STAGE_BLOCKS, STAGES, resolve_nonlocal_positions
 from nlnet.models.resnet3d import ResNet3d
@@ -30,6 +30,7 @@ _DEFAULTS = {
     "nonlocal_norm": "bn",
     "nonlocal_pool": (1, 2, 2),
     "nonlocal_temporal_groups": None,
+    "nonlocal_impl": "auto",
     "clip": "32x2",
     "dropout": 0.5,
 }
@@ -69,6 +70,8 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
             nonlocal_pool: max-pool kernel for keys/values, default (1, 2, 2); None turns it off.
             nonlocal_temporal_groups: {stage: frames} to attend within groups of consecutive frames, as the
                 official frozen-BN long-clip (128x1, 32x4) models do at res3 ({"res3": 4}); default None.
+            nonlocal_impl: "auto" (default, the memory-lean exact kernels) or "explicit" (the N×M weights
+                built literally, as the paper's implementation does).
             clip: "32x2" (default, the paper's stem) or "8x8" (temporal stride 1 stem).
             dropout: dropout before the classifier (default 0.5).
             ImageNet weights are not an override: models read no files, and
@@ -114,6 +117,7 @@ def _create_video_model(name: str, num_classes: int, **overrides) -> ResNet3d:
         ("nonlocal_mode", MODES),
         ("nonlocal_extent", EXTENTS),
         ("nonlocal_norm", ("bn", None)),
+        ("nonlocal_impl", IMPLS),
     ):
         if options[key] not in allowed:
             raise ValueError(f"{key} must be one of {allowed}, got {options[key]!r}")
@@ -148,6 +152,7 @@ def _create_video_model(name: str, num_classes: int, **overrides) -> ResNet3d:
             "pool": pool,
             "pool_position": "before",
             "scale": True,
+            "impl": options["nonlocal_impl"],
         },
         nonlocal_temporal_groups=groups,
         num_classes=int(num_classes),

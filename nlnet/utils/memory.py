@@ -7,6 +7,9 @@ storage once at its full size, so views and repeated saves of one tensor are not
 of tensors the caller excludes (the input, the parameters and buffers) are skipped: they exist whether or
 not a graph is kept.
 
+Meta and fake tensors (``torch._subclasses.FakeTensorMode``) are counted too, so the activation memory of a
+full-size network can be planned without allocating it.
+
 Limits: tensors a custom ``autograd.Function`` stores as plain ``ctx`` attributes, and inputs that
 ``torch.utils.checkpoint`` keeps by reference, bypass the hooks and are not counted. While hooks are
 installed autograd does not check saved tensors for in-place modification, so a backward that must catch
@@ -26,11 +29,18 @@ StorageKey = tuple[str, int]
 
 
 def _storage_key(tensor: torch.Tensor) -> StorageKey | None:
-    """(device, data pointer) of the tensor's storage, or None for tensors without one (e.g. nested)."""
+    """(device, address) of the tensor's storage, or None for tensors without one (e.g. nested).
+
+    Real storages are told apart by their data pointer. Meta and fake tensors (whose storage is on the meta
+    device) have no data, so the address of the storage object itself stands in; it is unique only while the
+    storage lives, so the counter holds on to the data-less storages it counts.
+    """
     try:
         storage = tensor.untyped_storage()
     except (RuntimeError, NotImplementedError):
         return None
+    if storage.device.type == "meta":
+        return "meta", storage._cdata
     if storage.data_ptr() == 0:
         return None
     return str(tensor.device), storage.data_ptr()
@@ -52,12 +62,16 @@ class SavedTensorCounter:
     def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
         self._excluded = {key for key in map(_storage_key, exclude) if key is not None}
         self._saved: dict[StorageKey, int] = {}
+        self._dataless: list[torch.UntypedStorage] = []  # keeps the keys of meta storages unique (they cost nothing)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         key = _storage_key(tensor)
         if key is not None and key not in self._excluded:
-            self._saved[key] = tensor.untyped_storage().nbytes()
+            storage = tensor.untyped_storage()
+            self._saved[key] = storage.nbytes()
+            if storage.device.type == "meta":
+                self._dataless.append(storage)
         return tensor
 
     @staticmethod
