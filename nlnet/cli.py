@@ -239,43 +239,58 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+_IMPORT_SOURCES = ("caffe2", "mmaction2", "pyslowfast")
+
+
 def _add_convert(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "convert",
         parents=[common],
-        help="official Caffe2 model-zoo .pkl <-> nlnet .pt",
-        description="nlnet convert caffe2 IN.pkl OUT.pt --model NAME   (import; the pickle is read without "
-        "running any code)\nnlnet convert --to caffe2 IN.pt OUT.pkl   (export an nlnet model)",
+        help="other frameworks' weights (Caffe2 .pkl, mmaction2 .pth, PySlowFast .pyth) -> nlnet .pt; export",
+        description="nlnet convert caffe2 IN.pkl OUT.pt --model NAME   (official zoo; the pickle is read without "
+        "running any code)\nnlnet convert mmaction2 IN.pth OUT.pt [--model NAME] [--nonlocal-mode MODE]\n"
+        "nlnet convert pyslowfast IN.pyth OUT.pt [--model NAME]\n"
+        "nlnet convert --to caffe2 IN.pt OUT.pkl   (export an nlnet model)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "paths", nargs="+", metavar="ARG", help="caffe2 IN.pkl OUT.pt | IN.pt OUT.pkl (with --to caffe2)"
+        "paths", nargs="+", metavar="ARG", help="SOURCE IN OUT (SOURCE: caffe2, mmaction2, pyslowfast) | IN.pt OUT.pkl "
+        "(with --to caffe2)"
     )
     parser.add_argument("--to", choices=("pytorch", "caffe2"), default="pytorch", help="target format")
-    parser.add_argument("--model", help="model name the .pkl was trained as (import only), e.g. nl_i3d_r50")
+    parser.add_argument("--model", help="model name the file was trained as (import only), e.g. nl_i3d_r50")
     parser.add_argument("--nonlocal-norm", choices=("bn", "none"), help="default: detected from the file")
+    parser.add_argument(
+        "--nonlocal-mode",
+        choices=("embedded_gaussian", "dot_product", "gaussian", "concatenation"),
+        help="default: detected from the weights or the file's config (mmaction2)",
+    )
     parser.set_defaults(func=_convert)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from nlnet.weights import convert_caffe2, export_caffe2
+    from nlnet import weights
 
     if args.to == "caffe2":
         if len(args.paths) != 2:
             raise ValueError(f"--to caffe2 takes IN.pt OUT.pkl, got {args.paths}")
-        names = export_caffe2(args.paths[0], args.paths[1])
+        names = weights.export_caffe2(args.paths[0], args.paths[1])
         print(f"wrote {len(names)} blobs to {args.paths[1]}")
         return 0
-    if len(args.paths) != 3 or args.paths[0] != "caffe2":
-        raise ValueError(f"import takes: caffe2 IN.pkl OUT.pt --model NAME, got {args.paths}")
-    if args.model is None:
-        raise ValueError("--model NAME is required to import a Caffe2 file")
+    if len(args.paths) != 3 or args.paths[0] not in _IMPORT_SOURCES:
+        raise ValueError(f"import takes: {{{','.join(_IMPORT_SOURCES)}}} IN OUT [--model NAME], got {args.paths}")
+    source, in_path, out_path = args.paths
     overrides = {}
     if args.nonlocal_norm is not None:
         overrides["nonlocal_norm"] = None if args.nonlocal_norm == "none" else "bn"
-    report = convert_caffe2(args.paths[1], args.paths[2], args.model, **overrides)
+    if args.nonlocal_mode is not None:
+        overrides["nonlocal_mode"] = args.nonlocal_mode
+    if source == "caffe2" and args.model is None:
+        raise ValueError("--model NAME is required to import a Caffe2 file")
+    convert = getattr(weights, f"convert_{source}")
+    report = convert(in_path, out_path, args.model, **overrides)
     print(report.summary())
-    print(f"wrote {args.paths[2]}")
+    print(f"wrote {out_path}")
     return 0
 
 
