@@ -83,6 +83,8 @@ CLIPS = {
     "8x8": Clip(stem_stride=1, pool1_kernel=(1, 3, 3)),
     # mmaction2's I3D for 32x2 clips (`ResNet3d` with pool1_stride_t=2): pool1 1x3x3 stride 2 padded (0, 1, 1),
     # so it drops every other frame instead of taking the max over two, and 224 -> 56 in res2.
+    # PySlowFast's ResNet for 8x8 clips (`ResNetBasicStem`): pool1 1x3x3 stride (1, 2, 2) padded (0, 1, 1).
+    "8x8_pyslowfast": Clip(stem_stride=1, pool1_kernel=(1, 3, 3), pool1_stride=(1, 2, 2), pool1_padding=(0, 1, 1)),
     "32x2_mmaction2": Clip(stem_stride=2, pool1_kernel=(1, 3, 3), pool1_stride=(2, 2, 2), pool1_padding=(0, 1, 1)),
 }
 
