@@ -321,43 +321,65 @@ def _train_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+_IMPORT_SOURCES = ("caffe2", "mmaction2", "pyslowfast")
+
+
 def _add_convert(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "convert",
         parents=[common],
-        help="official Caffe2 model-zoo .pkl <-> nlnet .pt",
-        description="nlnet convert caffe2 IN.pkl OUT.pt --model NAME   (import; the pickle is read without "
-        "running any code)\nnlnet convert --to caffe2 IN.pt OUT.pkl   (export an nlnet model)",
+        help="other frameworks' weights (Caffe2 .pkl, mmaction2 .pth, PySlowFast .pyth) -> nlnet .pt; export",
+        description="nlnet convert caffe2 IN.pkl OUT.pt --model NAME   (official zoo; the pickle is read without "
+        "running any code)\nnlnet convert mmaction2 IN.pth OUT.pt [--model NAME] [--nonlocal-mode MODE]\n"
+        "nlnet convert pyslowfast IN.pyth OUT.pt [--model NAME]\n"
+        "nlnet convert --to caffe2 IN.pt OUT.pkl   (export an nlnet model)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "paths", nargs="+", metavar="ARG", help="caffe2 IN.pkl OUT.pt | IN.pt OUT.pkl (with --to caffe2)"
+        "paths",
+        nargs="+",
+        metavar="ARG",
+        help="SOURCE IN OUT (SOURCE: caffe2, mmaction2, pyslowfast) | IN.pt OUT.pkl (with --to caffe2)",
     )
     parser.add_argument("--to", choices=("pytorch", "caffe2"), default="pytorch", help="target format")
-    parser.add_argument("--model", help="model name the .pkl was trained as (import only), e.g. nl_i3d_r50")
+    parser.add_argument("--model", help="model name the file was trained as (import only), e.g. nl_i3d_r50")
     parser.add_argument("--nonlocal-norm", choices=("bn", "none"), help="default: detected from the file")
+    parser.add_argument(
+        "--nonlocal-mode",
+        choices=("embedded_gaussian", "dot_product", "gaussian", "concatenation"),
+        help="default: detected from the weights or the file's config (mmaction2, PySlowFast)",
+    )
+    parser.add_argument(
+        "--clip", help="stem variant, e.g. 8x8_pyslowfast for PySlowFast's Caffe2 zoo .pkl (default: the model's)"
+    )
     parser.set_defaults(func=_convert)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from nlnet.weights import convert_caffe2, export_caffe2
+    from nlnet import weights
 
     if args.to == "caffe2":
         if len(args.paths) != 2:
             raise ValueError(f"--to caffe2 takes IN.pt OUT.pkl, got {args.paths}")
-        names = export_caffe2(args.paths[0], args.paths[1])
+        names = weights.export_caffe2(args.paths[0], args.paths[1])
         print(f"wrote {len(names)} blobs to {args.paths[1]}")
         return 0
-    if len(args.paths) != 3 or args.paths[0] != "caffe2":
-        raise ValueError(f"import takes: caffe2 IN.pkl OUT.pt --model NAME, got {args.paths}")
-    if args.model is None:
-        raise ValueError("--model NAME is required to import a Caffe2 file")
+    if len(args.paths) != 3 or args.paths[0] not in _IMPORT_SOURCES:
+        raise ValueError(f"import takes: {{{','.join(_IMPORT_SOURCES)}}} IN OUT [--model NAME], got {args.paths}")
+    source, in_path, out_path = args.paths
     overrides = {}
     if args.nonlocal_norm is not None:
         overrides["nonlocal_norm"] = None if args.nonlocal_norm == "none" else "bn"
-    report = convert_caffe2(args.paths[1], args.paths[2], args.model, **overrides)
+    if args.nonlocal_mode is not None:
+        overrides["nonlocal_mode"] = args.nonlocal_mode
+    if args.clip is not None:
+        overrides["clip"] = args.clip
+    if source == "caffe2" and args.model is None:
+        raise ValueError("--model NAME is required to import a Caffe2 file")
+    convert = getattr(weights, f"convert_{source}")
+    report = convert(in_path, out_path, args.model, **overrides)
     print(report.summary())
-    print(f"wrote {args.paths[2]}")
+    print(f"wrote {out_path}")
     return 0
 
 
@@ -383,7 +405,10 @@ def _add_visualize(subparsers: _Subparsers, common: argparse.ArgumentParser) -> 
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--query", metavar="T,Y,X", help="query frame and pixel on the shown crop (Y,X: image)")
     where.add_argument(
-        "--auto", nargs="?", const="motion", choices=("motion", "attended"),
+        "--auto",
+        nargs="?",
+        const="motion",
+        choices=("motion", "attended"),
         help="pick the query: where the clip moves most (default) or the most attended place",
     )
     parser.add_argument("--block", help="block name, e.g. res4.5.nonlocal_block (default: the last one)")
@@ -397,7 +422,8 @@ def _add_visualize(subparsers: _Subparsers, common: argparse.ArgumentParser) -> 
     parser.add_argument("--gif-scale", type=int, default=1, help="GIF enlargement factor")
     parser.add_argument("--query-dependence", action="store_true", help="print GCNet's measure per block")
     parser.add_argument(
-        "--builtin", action="store_true",
+        "--builtin",
+        action="store_true",
         help="checkpoint trained on the built-in set: query at the colour cue, report how often the top key "
         "lies on the object the label depends on, draw the first clip where it does",
     )
@@ -426,8 +452,14 @@ def _print_query_dependence(args: argparse.Namespace) -> int:
     from nlnet.viz import measure_query_dependence
 
     distances = measure_query_dependence(
-        args.checkpoint, args.video or args.image, block=args.block, num_clips=args.num_clips,
-        num_queries=args.num_queries, config=args.config, model_name=args.model, overrides=args.overrides,
+        args.checkpoint,
+        args.video or args.image,
+        block=args.block,
+        num_clips=args.num_clips,
+        num_queries=args.num_queries,
+        config=args.config,
+        model_name=args.model,
+        overrides=args.overrides,
     )
     width = max(len(name) for name in distances)
     print(f"{'block':<{width}}  mean cosine distance between queries")
@@ -444,8 +476,14 @@ def _draw_builtin_attention(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         raise ValueError("--builtin needs the --checkpoint of a model trained on the built-in set")
     report = builtin_attention_figure(
-        args.checkpoint, args.out, block=args.block, max_clips=args.max_clips, style=args.style or "arrows",
-        top_k=args.top_k, config=args.config, overrides=args.overrides,
+        args.checkpoint,
+        args.out,
+        block=args.block,
+        max_clips=args.max_clips,
+        style=args.style or "arrows",
+        top_k=args.top_k,
+        config=args.config,
+        overrides=args.overrides,
     )
     print(
         f"{report.block}: over {report.clips} test clips, the top key of a query at the cue lies on the "
@@ -467,10 +505,21 @@ def _draw_attention(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--query must be T,Y,X (or Y,X for an image), got {args.query!r}") from None
     amap = save_attention_figure(
-        args.checkpoint, args.video or args.image, args.out, query=query, auto=args.auto or "motion",
-        block=args.block, style=args.style or "heatmap", top_k=args.top_k, clip_index=args.clip_index,
-        num_clips=args.num_clips, fps=args.fps, gif_scale=args.gif_scale, config=args.config,
-        model_name=args.model, overrides=args.overrides,
+        args.checkpoint,
+        args.video or args.image,
+        args.out,
+        query=query,
+        auto=args.auto or "motion",
+        block=args.block,
+        style=args.style or "heatmap",
+        top_k=args.top_k,
+        clip_index=args.clip_index,
+        num_clips=args.num_clips,
+        fps=args.fps,
+        gif_scale=args.gif_scale,
+        config=args.config,
+        model_name=args.model,
+        overrides=args.overrides,
     )
     t, y, x = amap.query
     print(f"{amap.block}: query (t, y, x) = ({t:g}, {y:g}, {x:g}) on frames {amap.frame_size}")

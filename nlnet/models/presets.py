@@ -65,11 +65,15 @@ class Clip:
 
     Attributes:
         stem_stride: temporal stride of conv1.
-        pool1_kernel: (T, H, W) kernel of the max-pool after conv1; its stride is (T, 2, 2); no padding.
+        pool1_kernel: (T, H, W) kernel of the max-pool after conv1.
+        pool1_stride: its stride; None is (T, 2, 2), the kernel's own length in time.
+        pool1_padding: its padding; the official models pad nothing.
     """
 
     stem_stride: int
     pool1_kernel: tuple[int, int, int]
+    pool1_stride: tuple[int, int, int] | None = None
+    pool1_padding: tuple[int, int, int] = (0, 0, 0)
 
 
 CLIPS = {
@@ -77,6 +81,39 @@ CLIPS = {
     "32x2": Clip(stem_stride=2, pool1_kernel=(2, 3, 3)),
     # 8 frames every 8th: no temporal down-sampling in the stem (VNL resnet_video, PySlowFast).
     "8x8": Clip(stem_stride=1, pool1_kernel=(1, 3, 3)),
+    # mmaction2's I3D for 32x2 clips (`ResNet3d` with pool1_stride_t=2): pool1 1x3x3 stride 2 padded (0, 1, 1),
+    # so it drops every other frame instead of taking the max over two, and 224 -> 56 in res2.
+    # PySlowFast's ResNet for 8x8 clips (`ResNetBasicStem`): pool1 1x3x3 stride (1, 2, 2) padded (0, 1, 1).
+    "8x8_pyslowfast": Clip(stem_stride=1, pool1_kernel=(1, 3, 3), pool1_stride=(1, 2, 2), pool1_padding=(0, 1, 1)),
+    "32x2_mmaction2": Clip(stem_stride=2, pool1_kernel=(1, 3, 3), pool1_stride=(2, 2, 2), pool1_padding=(0, 1, 1)),
+}
+
+
+@dataclass(frozen=True)
+class Style:
+    """How one code base builds the same named network, where it departs from the official Caffe2 code.
+
+    Attributes:
+        clip: the default key of `CLIPS`.
+        head_pool: "fixed" (the official [T, 7, 7] stride-1 average pool) or "global" (adaptive average pool
+            to 1 x 1 x 1; the same on a 224 x 224 input, different on larger ones).
+        nonlocal_pool_position: "before" or "after" φ and g (see `nlnet.NonLocalBlock`).
+        nonlocal_scale: whether the embedded-Gaussian dot products are scaled by d^-0.5.
+    """
+
+    clip: str
+    head_pool: str
+    nonlocal_pool_position: str
+    nonlocal_scale: bool
+
+
+STYLES = {
+    "official": Style(clip="32x2", head_pool="fixed", nonlocal_pool_position="before", nonlocal_scale=True),
+    # mmaction2 1.x `configs/recognition/i3d` (backbone ResNet3d, mmcv NonLocal3d with use_scale=False, I3DHead).
+    # Its NL output conv has no bias; a bias before the block's BN changes nothing, so nlnet keeps it at 0.
+    "mmaction2": Style(
+        clip="32x2_mmaction2", head_pool="global", nonlocal_pool_position="after", nonlocal_scale=False
+    ),
 }
 
 # Non-local layouts by name, per depth: stage -> (step, offset) selects the blocks i with i % step == offset,
@@ -97,11 +134,13 @@ class Preset:
         depth: 50 or 101; picks `STAGE_BLOCKS` and `NONLOCAL_LAYOUTS`.
         inflation: key of `INFLATIONS`.
         nonlocal_blocks: default non-local layout ("5" or None).
+        style: key of `STYLES`: whose variant of the network this is.
     """
 
     depth: int
     inflation: str
     nonlocal_blocks: str | None = None
+    style: str = "official"
 
 
 PRESETS = {
@@ -115,6 +154,9 @@ PRESETS = {
     "nl_c2d_r101": Preset(101, "c2d", "5"),
     "nl_i3d_r50": Preset(50, "i3d", "5"),
     "nl_i3d_r101": Preset(101, "i3d", "5"),
+    # The networks behind mmaction2's I3D R50 32x2x1 checkpoints (nlnet.weights.convert_mmaction2).
+    "i3d_r50_mmaction2": Preset(50, "i3d", style="mmaction2"),
+    "nl_i3d_r50_mmaction2": Preset(50, "i3d", "5", style="mmaction2"),
 }
 
 

@@ -16,7 +16,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from nlnet.layers import NonLocalBlock
 from nlnet.layers.nonlocal_block import EXTENTS, IMPLS, MODES
 from nlnet.models import detection
-from nlnet.models.presets import CLIPS, INFLATIONS, PRESETS, STAGE_BLOCKS, STAGES, resolve_nonlocal_positions
+from nlnet.models.presets import (
+    CLIPS,
+    INFLATIONS,
+    PRESETS,
+    STAGE_BLOCKS,
+    STAGES,
+    STYLES,
+    resolve_nonlocal_positions,
+)
 from nlnet.models.resnet3d import ResNet3d
 
 FAMILIES = ("video", "detection")
@@ -31,7 +39,7 @@ _DEFAULTS = {
     "nonlocal_pool": (1, 2, 2),
     "nonlocal_temporal_groups": None,
     "nonlocal_impl": "auto",
-    "clip": "32x2",
+    "clip": "preset",
     "dropout": 0.5,
 }
 
@@ -56,8 +64,8 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
 
     Args:
         name: one of `available()`: c2d_r50, c2d_r101, i3d_r50, i3d_r101 (I3D3x1x1), i3d3x3x3_r50,
-            i3d3x3x3_r101, nl_c2d_r50, nl_c2d_r101, nl_i3d_r50, nl_i3d_r101 (5 non-local blocks), or a
-            detector.
+            i3d3x3x3_r101, nl_c2d_r50, nl_c2d_r101, nl_i3d_r50, nl_i3d_r101 (5 non-local blocks),
+            i3d_r50_mmaction2, nl_i3d_r50_mmaction2 (mmaction2's variant: `presets.STYLES`), or a detector.
         num_classes: classifier outputs (None: 400, for Kinetics-400).
         **overrides: any of
             stage_blocks: blocks per res2..res5 (default from the depth: (3, 4, 6, 3) or (3, 4, 23, 3)).
@@ -72,7 +80,8 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
                 official frozen-BN long-clip (128x1, 32x4) models do at res3 ({"res3": 4}); default None.
             nonlocal_impl: "auto" (default, the memory-lean exact kernels) or "explicit" (the N×M weights
                 built literally, as the paper's implementation does).
-            clip: "32x2" (default, the paper's stem) or "8x8" (temporal stride 1 stem).
+            clip: "32x2" (the paper's stem, the default), "8x8" (temporal stride 1 stem) or "32x2_mmaction2"
+                (the default of the *_mmaction2 models).
             dropout: dropout before the classifier (default 0.5).
             ImageNet weights are not an override: models read no files, and
             ``nlnet.weights.create_pretrained(name, path, ...)`` builds a model with them inflated.
@@ -101,6 +110,9 @@ def _create_video_model(name: str, num_classes: int, **overrides) -> ResNet3d:
         raise ValueError(f"unknown overrides {unknown}; allowed: {', '.join(_DEFAULTS)}")
     options = {**_DEFAULTS, **overrides}
     preset = PRESETS[name]
+    style = STYLES[preset.style]
+    if options["clip"] == "preset":
+        options["clip"] = style.clip
 
     stage_blocks = tuple(options["stage_blocks"] or STAGE_BLOCKS[preset.depth])
     if len(stage_blocks) != 4 or any(int(blocks) < 1 for blocks in stage_blocks):
@@ -150,13 +162,14 @@ def _create_video_model(name: str, num_classes: int, **overrides) -> ResNet3d:
             "extent": options["nonlocal_extent"],
             "norm": options["nonlocal_norm"],
             "pool": pool,
-            "pool_position": "before",
-            "scale": True,
+            "pool_position": style.nonlocal_pool_position,
+            "scale": style.nonlocal_scale,
             "impl": options["nonlocal_impl"],
         },
         nonlocal_temporal_groups=groups,
         num_classes=int(num_classes),
         dropout=float(options["dropout"]),
+        head_pool=style.head_pool,
     )
 
 

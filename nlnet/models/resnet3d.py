@@ -60,8 +60,8 @@ class Stem(nn.Module):
         )
         self.bn = nn.BatchNorm3d(width, eps=BN_EPS)
         self.relu = nn.ReLU(inplace=True)
-        pool_t = clip.pool1_kernel[0]
-        self.pool = nn.MaxPool3d(kernel_size=clip.pool1_kernel, stride=(pool_t, 2, 2), padding=0)
+        stride = clip.pool1_stride or (clip.pool1_kernel[0], 2, 2)
+        self.pool = nn.MaxPool3d(kernel_size=clip.pool1_kernel, stride=stride, padding=clip.pool1_padding)
 
     def reset_parameters(self) -> None:
         _msra_fill(self.conv)
@@ -157,10 +157,15 @@ class Head(nn.Module):
         in_channels: channels of the res5 map (2048 in the paper).
         num_classes: classifier outputs.
         dropout: dropout probability after pooling (0.5 in the paper).
+        pool: "fixed" for the official pool above, "global" for an average over the whole map (mmaction2's
+            adaptive pool; the two agree on maps up to 7 x 7).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, dropout: float) -> None:
+    def __init__(self, in_channels: int, num_classes: int, dropout: float, pool: str = "fixed") -> None:
         super().__init__()
+        if pool not in ("fixed", "global"):
+            raise ValueError(f"head pool must be 'fixed' or 'global', got {pool!r}")
+        self.pool_kind = pool
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes)
 
@@ -169,7 +174,9 @@ class Head(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B, C, 1, H - 6, W - 6) for H, W >= 7, else (B, C, 1, 1, 1)."""
+        """(B, C, T, H, W) -> (B, C, 1, H - 6, W - 6) for H, W >= 7, else (B, C, 1, 1, 1); global: 1 x 1 x 1."""
+        if self.pool_kind == "global":
+            return features.mean(dim=(2, 3, 4), keepdim=True)
         _, _, t, h, w = features.shape
         kernel = (t, min(HEAD_POOL_SPATIAL, h), min(HEAD_POOL_SPATIAL, w))
         return F.avg_pool3d(features, kernel_size=kernel, stride=1)
@@ -209,6 +216,7 @@ class ResNet3d(nn.Module):
         num_classes: classifier outputs.
         dropout: dropout before the classifier.
         in_channels: input channels.
+        head_pool: "fixed" or "global", see `Head`.
 
     Shapes: forward (B, 3, T, H, W) -> (B, num_classes).
     """
@@ -228,6 +236,7 @@ class ResNet3d(nn.Module):
         num_classes: int,
         dropout: float,
         in_channels: int = 3,
+        head_pool: str = "fixed",
     ) -> None:
         super().__init__()
         self.stem = Stem(in_channels, base_width, stem_kernel, clip)
@@ -255,7 +264,7 @@ class ResNet3d(nn.Module):
             self.add_module(stage, nn.Sequential(*blocks))
             if stage == "res2":
                 self.pool2 = nn.MaxPool3d(kernel_size=(2, 1, 1), stride=(2, 1, 1))
-        self.head = Head(channels, num_classes, dropout)
+        self.head = Head(channels, num_classes, dropout, pool=head_pool)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -32,6 +32,8 @@ _SKIPPED_NAMES = ("lr", "model_iter")
 _SKIPPED_SUFFIX = "_momentum"
 _BN_SUFFIX = {"weight": "s", "bias": "b", "running_mean": "rm", "running_var": "riv"}
 _BRANCH = {"1": "a", "2": "b", "3": "c"}
+# The "format" of the files the importers write (this one, nlnet.weights.mmaction2, nlnet.weights.pyslowfast).
+CONVERTED_FORMATS = ("nlnet.caffe2", "nlnet.mmaction2", "nlnet.pyslowfast")
 
 _KEY_PATTERNS = (
     (re.compile(r"^stem\.conv\.weight$"), lambda m: "conv1_w"),
@@ -277,10 +279,10 @@ def convert_caffe2(
 
 
 def load_converted(path: str | os.PathLike) -> nn.Module:
-    """Build the model a `convert_caffe2` file describes and load its weights (strict).
+    """Build the model a converted file describes and load its weights (strict).
 
     Args:
-        path: an ``.pt`` written by `convert_caffe2`.
+        path: an ``.pt`` written by `convert_caffe2`, ``convert_mmaction2`` or ``convert_pyslowfast``.
 
     Returns:
         The ResNet3d in eval mode.
@@ -288,8 +290,8 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
     from nlnet.models import create
 
     payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != "nlnet.caffe2":
-        raise ValueError(f"{os.fspath(path)} was not written by nlnet convert caffe2")
+    if not isinstance(payload, dict) or payload.get("format") not in CONVERTED_FORMATS:
+        raise ValueError(f"{os.fspath(path)} was not written by nlnet convert")
     network = create(payload["arch"], num_classes=payload["num_classes"], **payload["overrides"])
     network.load_state_dict(payload["model"])
     return network.eval()

@@ -54,6 +54,7 @@ def test_available_lists_every_paper_model() -> None:
     assert available("video") == sorted(
         ["c2d_r50", "c2d_r101", "i3d_r50", "i3d_r101", "i3d3x3x3_r50", "i3d3x3x3_r101"]
         + ["nl_c2d_r50", "nl_c2d_r101", "nl_i3d_r50", "nl_i3d_r101"]
+        + ["i3d_r50_mmaction2", "nl_i3d_r50_mmaction2"]
     )
 
 

@@ -1,0 +1,289 @@
+"""mmaction2 I3D checkpoints: the safe reader and name map (always), and by value against mmaction2 (with it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nlnet.cli import main
+from nlnet.weights import convert_mmaction2, load_converted, read_mmaction2
+from nlnet.weights.mmaction2 import nlnet_name
+
+# mmaction2's own names for a few tensors, with nlnet's, written out by hand from mmaction2's ResNet3d /
+# mmcv's NonLocal3d / I3DHead module attributes.
+HAND_MAP = {
+    "backbone.conv1.conv.weight": "stem.conv.weight",
+    "backbone.conv1.bn.running_var": "stem.bn.running_var",
+    "backbone.layer1.0.conv1.conv.weight": "res2.0.conv1.weight",
+    "backbone.layer1.0.downsample.conv.weight": "res2.0.downsample.0.weight",
+    "backbone.layer1.0.downsample.bn.bias": "res2.0.downsample.1.bias",
+    "backbone.layer3.5.conv3.bn.num_batches_tracked": "res4.5.bn3.num_batches_tracked",
+    "backbone.layer2.1.non_local_block.theta.conv.weight": "res3.1.nonlocal_block.theta.weight",
+    "backbone.layer2.1.non_local_block.phi.0.conv.bias": "res3.1.nonlocal_block.phi.bias",
+    "backbone.layer3.3.non_local_block.g.0.conv.weight": "res4.3.nonlocal_block.g.weight",
+    "backbone.layer3.3.non_local_block.conv_out.conv.weight": "res4.3.nonlocal_block.out.weight",
+    "backbone.layer3.3.non_local_block.conv_out.bn.weight": "res4.3.nonlocal_block.norm.weight",
+    "cls_head.fc_cls.weight": "head.fc.weight",
+    "module.backbone.layer4.2.conv2.bn.weight": "res5.2.bn2.weight",
+}
+
+
+def test_name_map_on_hand_written_mmaction2_keys() -> None:
+    for key, expected in HAND_MAP.items():
+        assert nlnet_name(key) == expected, key
+    assert nlnet_name("data_preprocessor.mean") is None
+    assert nlnet_name("backbone.layer2.1.non_local_block.unknown.weight") is None
+
+
+class _RunsCode:
+    """Unpickling this would create ``marker``: the reader must refuse it, not run it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _nlnet_keyed_as_mmaction2(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename an nlnet state dict into mmaction2's names by inverting `HAND_MAP`-style rules written here."""
+    renamed = {}
+    for key, tensor in model.state_dict().items():
+        name = key.replace("stem.conv.", "backbone.conv1.conv.").replace("stem.bn.", "backbone.conv1.bn.")
+        for stage in range(2, 6):
+            name = name.replace(f"res{stage}.", f"backbone.layer{stage - 1}.")
+        for index in "123":
+            name = name.replace(f".conv{index}.weight", f".conv{index}.conv.weight").replace(
+                f".bn{index}.", f".conv{index}.bn."
+            )
+        name = name.replace(".downsample.0.", ".downsample.conv.").replace(".downsample.1.", ".downsample.bn.")
+        name = name.replace(".nonlocal_block.", ".non_local_block.").replace(".out.weight", ".conv_out.conv.weight")
+        name = name.replace(".norm.", ".conv_out.bn.").replace(".theta.", ".theta.conv.")
+        name = (
+            name.replace(".phi.", ".phi.0.conv.").replace(".g.", ".g.0.conv.").replace("head.fc.", "cls_head.fc_cls.")
+        )
+        if name.endswith(".conv_out.bias") or name.endswith("out.bias"):
+            continue  # mmaction2's conv_out has no bias
+        renamed[name] = tensor.clone()
+    return renamed
+
+
+def test_reader_refuses_code_and_reports_what_it_left(tmp_path: Path) -> None:
+    from nlnet.models import create
+
+    source = create(
+        "nl_i3d_r50_mmaction2",
+        num_classes=7,
+        stage_blocks=(1, 2, 2, 1),
+        base_width=4,
+        nonlocal_blocks={"res3": [1]},
+        nonlocal_mode="dot_product",
+    )
+    marker = tmp_path / "was_run"
+    checkpoint = {
+        "state_dict": _nlnet_keyed_as_mmaction2(source),
+        "meta": {"seed": np.int64(3), "hist": np.arange(3.0), "cfg": "x = 1", "trap": _RunsCode(marker)},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+    }
+    path = tmp_path / "mm.pth"
+    torch.save(checkpoint, path)
+    state, meta, unread = read_mmaction2(path)
+    assert not marker.exists()
+    assert set(state) == set(checkpoint["state_dict"])
+    assert int(meta["seed"]) == 3 and meta["cfg"] == "x = 1"
+    assert "entry 'optimizer'" in unread
+    assert "__builtin__.getattr (refused, never called)" in unread
+    out = tmp_path / "out.pt"
+    report = convert_mmaction2(
+        path, out, stage_blocks=(1, 2, 2, 1), base_width=4, nonlocal_blocks={"res3": [1]}, nonlocal_mode="dot_product"
+    )
+    assert report.unexpected == [] and report.missing == []
+    model = load_converted(out)
+    assert not model.training
+    for key, tensor in source.state_dict().items():
+        expected = torch.zeros_like(tensor) if key.endswith("nonlocal_block.out.bias") else tensor
+        assert torch.equal(model.state_dict()[key], expected), key
+    assert torch.load(out, weights_only=True)["normalization"]["std"] == [58.395, 57.12, 57.375]
+
+
+def test_shape_mismatch_fails_before_writing(tmp_path: Path) -> None:
+    from nlnet.models import create
+
+    state = _nlnet_keyed_as_mmaction2(create("i3d_r50_mmaction2", stage_blocks=(1, 1, 1, 1), base_width=4))
+    state["backbone.layer1.0.conv2.conv.weight"] = torch.zeros(4, 4, 3, 3, 3)
+    path, out = tmp_path / "mm.pth", tmp_path / "out.pt"
+    torch.save({"state_dict": state, "meta": {}}, path)
+    with pytest.raises(ValueError, match=r"backbone\.layer1\.0\.conv2\.conv\.weight: shape \(4, 4, 3, 3, 3\)"):
+        convert_mmaction2(path, out, stage_blocks=(1, 1, 1, 1), base_width=4)
+    assert not out.exists()
+
+
+def test_nonlocal_mode_must_be_known(tmp_path: Path) -> None:
+    from nlnet.models import create
+
+    state = _nlnet_keyed_as_mmaction2(
+        create("nl_i3d_r50_mmaction2", stage_blocks=(1, 2, 2, 1), base_width=4, nonlocal_blocks={"res3": [1]})
+    )
+    path = tmp_path / "mm.pth"
+    torch.save({"state_dict": state, "meta": {"cfg": "model = dict(x=1)"}}, path)
+    with pytest.raises(ValueError, match="pass nonlocal_mode"):
+        convert_mmaction2(
+            path, tmp_path / "out.pt", stage_blocks=(1, 2, 2, 1), base_width=4, nonlocal_blocks={"res3": [1]}
+        )
+
+
+# ----------------------------------------------------------------------------- by value against mmaction2
+
+
+def _import_mmaction2() -> types.ModuleType | None:
+    if importlib.util.find_spec("mmaction") is None:
+        return None
+    # The PyPI wheel of mmaction2 1.2.0 lacks mmaction.models.localizers.drn, which mmaction.models imports;
+    # stand in an empty package for it (no I3D code uses it).
+    package = types.ModuleType("mmaction.models.localizers.drn")
+    package.__path__ = []
+    module = types.ModuleType("mmaction.models.localizers.drn.drn")
+    module.DRN = type("DRN", (), {})
+    sys.modules.setdefault("mmaction.models.localizers.drn", package)
+    sys.modules.setdefault("mmaction.models.localizers.drn.drn", module)
+    from mmaction.models.backbones import resnet3d
+
+    return resnet3d
+
+
+MMACTION2 = _import_mmaction2()
+needs_mmaction2 = pytest.mark.skipif(MMACTION2 is None, reason="mmaction2 is not installed (extra 'mmaction')")
+
+
+class _Recognizer(nn.Module):
+    """The backbone + cls_head layout of mmaction2's Recognizer3D (its state-dict prefixes), eval only."""
+
+    def __init__(self, mode: str | None) -> None:
+        super().__init__()
+        from mmaction.models.heads.i3d_head import I3DHead
+
+        nonlocal_options = {}
+        if mode is not None:
+            nonlocal_options = {
+                "non_local": ((0, 0, 0), (0, 1, 0, 1), (0, 1, 0, 1, 0, 1), (0, 0, 0)),
+                "non_local_cfg": {
+                    "sub_sample": True,
+                    "use_scale": False,
+                    "mode": mode,
+                    "norm_cfg": {"type": "BN3d", "requires_grad": True},
+                },
+            }
+        # configs/_base_/models/i3d_r50.py of mmaction2 1.x.
+        self.backbone = MMACTION2.ResNet3d(
+            depth=50,
+            pretrained=None,
+            pretrained2d=False,
+            conv1_kernel=(5, 7, 7),
+            conv1_stride_t=2,
+            pool1_stride_t=2,
+            conv_cfg={"type": "Conv3d"},
+            norm_eval=False,
+            inflate=((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0)),
+            zero_init_residual=False,
+            **nonlocal_options,
+        )
+        self.cls_head = I3DHead(num_classes=13, in_channels=2048, spatial_type="avg", dropout_ratio=0.5)
+
+    def stages(self, clip: torch.Tensor) -> dict[str, torch.Tensor]:
+        backbone, out = self.backbone, {}
+        x = backbone.maxpool(backbone.conv1(clip))
+        out["stem"] = x
+        for index, name in enumerate(backbone.res_layers):
+            x = getattr(backbone, name)(x)
+            out[f"res{index + 2}"] = x
+            if index == 0:
+                x = backbone.pool2(x)
+        out["logits"] = self.cls_head(x)
+        return out
+
+
+def _randomise(model: nn.Module, seed: int) -> None:
+    """Every tensor random and non-trivial: BN statistics and γ (the NL output BN too, so its path counts)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith(("running_var", "bn.weight")):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.5 + 0.75)
+            elif tensor.dim() >= 2:
+                # θ, φ, g smaller: a dot-product block is cubic in its input, and five in a row overflow.
+                gain = 0.3 if ".non_local_block." in name else 1.0
+                fan_in = tensor[0].numel()
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * gain * (1.0 / fan_in) ** 0.5)
+            else:
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+
+
+def _save_mmengine_checkpoint(model: nn.Module, path: Path, cfg: str) -> None:
+    from mmengine.logging import HistoryBuffer
+
+    history = HistoryBuffer()
+    history.update(1.5)
+    torch.save(
+        {
+            "meta": {
+                "epoch": 100,
+                "iter": 1234,
+                "cfg": cfg,
+                "seed": np.int64(0),
+                "mmengine_version": "0.10.7",
+                "dataset_meta": {"classes": np.array(["a", "b"])},
+            },
+            "state_dict": model.state_dict(),
+            "message_hub": {"log_scalars": {"train/loss": history}, "runtime_info": {"epoch": 100}},
+            "optimizer": {"state": {0: {"momentum_buffer": torch.ones(3)}}, "param_groups": [{"lr": 0.01}]},
+        },
+        path,
+    )
+
+
+@needs_mmaction2
+@pytest.mark.parametrize("mode", [None, "embedded_gaussian", "dot_product", "gaussian"])
+def test_logits_equal_mmaction2(tmp_path: Path, mode: str | None) -> None:
+    torch.manual_seed(0)
+    reference = _Recognizer(mode).eval()
+    _randomise(reference, seed=1)
+    path, out = tmp_path / "mm.pth", tmp_path / "out.pt"
+    cfg = "" if mode is None else f"model = dict(backbone=dict(non_local_cfg=dict(sub_sample=True, mode='{mode}')))"
+    _save_mmengine_checkpoint(reference, path, cfg)
+    report = convert_mmaction2(path, out)
+    assert report.missing == [] and report.unexpected == []
+    assert any("mmengine.logging.history_buffer.HistoryBuffer" in note for note in report.notes)
+    model = load_converted(out)
+    clip = torch.randn(1, 3, 16, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference.stages(clip)["logits"]
+        logits = model(clip)
+    scale = expected.abs().max()
+    assert scale > 1e-2
+    assert (logits - expected).abs().max() <= 1e-4 * scale
+    if mode in ("embedded_gaussian", "dot_product"):  # the weights look alike: the mode read from cfg matters
+        wrong = {"embedded_gaussian": "dot_product", "dot_product": "embedded_gaussian"}[mode]
+        convert_mmaction2(path, tmp_path / "wrong.pt", nonlocal_mode=wrong)
+        with torch.no_grad():
+            other = load_converted(tmp_path / "wrong.pt")(clip)
+        assert (other - expected).abs().max() > 1e-3 * scale
+
+
+@needs_mmaction2
+def test_cli_converts_an_mmaction2_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    reference = _Recognizer("dot_product").eval()
+    _randomise(reference, seed=3)
+    path, out = tmp_path / "mm.pth", tmp_path / "out.pt"
+    _save_mmengine_checkpoint(reference, path, "")
+    assert main(["convert", "mmaction2", str(path), str(out), "--nonlocal-mode", "dot_product"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert load_converted(out).res3[1].nonlocal_block.mode == "dot_product"
