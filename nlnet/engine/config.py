@@ -128,6 +128,9 @@ DEFAULTS: dict[str, Any] = {
         # matmuls and convolutions on TF32 tensor cores. Ignored on CPU.
         "cudnn_benchmark": True,
         "tf32": True,
+        # torch.compile the network for the training steps (the first steps pay for the compilation);
+        # checkpoints hold the uncompiled module's state dict either way.
+        "compile": False,
     },
     "test": {
         # Videos per batch; each video is test_clips x test_crops views.
@@ -442,6 +445,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"train.warmup_fraction must be in (0, 1), got {train.warmup_fraction}")
     if train.amp not in (None, "bf16", "fp16"):
         raise ValueError(f"train.amp must be null, 'bf16' or 'fp16', got {train.amp!r}")
+    if not isinstance(train.compile, bool):
+        raise ValueError(f"train.compile must be true or false, got {train.compile!r}")
     for key in ("checkpoint_period", "eval_period", "log_period", "precise_bn_batches", "keep_checkpoints"):
         if int(train[key]) < 0:
             raise ValueError(f"train.{key} must be >= 0, got {train[key]}")

@@ -220,6 +220,12 @@ class _Run:
         if ctx.world_size > 1:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(model, device_ids=device_ids)
+        if train_cfg.compile:
+            # Compiling the DDP wrapper (not DDP over a compiled module) is PyTorch's recommended order: Dynamo's
+            # DDPOptimizer then splits the graph at the gradient buckets so all-reduces overlap the backward.
+            # Only the training step runs through it; checkpoints, precise BN and evaluation use self.model,
+            # whose state-dict keys carry no "_orig_mod." prefix.
+            self.ddp = torch.compile(self.ddp)
 
     def _build_optimizer(self) -> None:
         """The recipe's optimiser and learning-rate schedule."""
