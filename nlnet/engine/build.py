@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "build_model",
     "build_network",
+    "build_trained_network",
     "is_detector_recipe",
     "load_model_weights",
     "load_state_dict_exactly",
@@ -199,6 +200,22 @@ def load_model_weights(model: nn.Module, path: str | Path) -> dict[str, list[str
         if report[key]:
             logger.warning("%s: %d %s tensors, e.g. %s", path, len(report[key]), key, report[key][:5])
     return report
+
+
+def build_trained_network(model_cfg: DictConfig, checkpoint: str | Path) -> nn.Module:
+    """The recipe's network with every tensor from ``checkpoint`` (testing and prediction need all of them).
+
+    Raises:
+        ValueError: the checkpoint lacks some of the model's tensors or has them in other shapes.
+    """
+    model = build_network(model_cfg)
+    report = load_model_weights(model, checkpoint)
+    if report["missing"] or report["shape_mismatch"]:
+        raise ValueError(
+            f"{checkpoint} does not fit model {model_cfg.name}: missing {report['missing'][:5]}, "
+            f"shape mismatch {report['shape_mismatch'][:5]}"
+        )
+    return model
 
 
 def read_detector_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from sklearn.metrics import average_precision_score
 from torch import nn
 
 from nlnet.data.transforms import normalize_clips
-from nlnet.engine.build import build_network, load_model_weights
+from nlnet.engine.build import build_trained_network
 from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.distributed import DistContext, all_gather_objects, cleanup_distributed, setup_distributed
 from nlnet.engine.sampler import ResumableSampler
@@ -304,13 +304,7 @@ def test(
     cfg = resolve_builtin(cfg)
     ctx = setup_distributed(device)
     try:
-        model = build_network(cfg.model)
-        report = load_model_weights(model, checkpoint)
-        if report["missing"] or report["shape_mismatch"]:
-            raise ValueError(
-                f"{checkpoint} does not fit model {cfg.model.name}: missing {report['missing'][:5]}, "
-                f"shape mismatch {report['shape_mismatch'][:5]}"
-            )
+        model = build_trained_network(cfg.model, checkpoint)
         model.to(ctx.device)
         loader = build_eval_loader(cfg, split, ctx, single_view=single_view)
         multi_label = bool(cfg.data.multi_label)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from nlnet.data import VideoRecord, dataset_of_records, kinetics400_class_names
 from nlnet.data.annotations import VIDEO_EXTENSIONS
-from nlnet.engine.build import build_network, load_model_weights
+from nlnet.engine.build import build_trained_network
 from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.checkpoint import load_checkpoint
 from nlnet.engine.config import load_config, recipe_of_checkpoint
@@ -170,13 +170,7 @@ def predict(
     names = class_names_for(cfg, classes)
     ctx = setup_distributed(device)
     try:
-        model = build_network(cfg.model)
-        report = load_model_weights(model, checkpoint)
-        if report["missing"] or report["shape_mismatch"]:
-            raise ValueError(
-                f"{checkpoint} does not fit model {cfg.model.name}: missing {report['missing'][:5]}, "
-                f"shape mismatch {report['shape_mismatch'][:5]}"
-            )
+        model = build_trained_network(cfg.model, checkpoint)
         model.to(ctx.device).eval()
         entries = _score_videos(model, cfg, files, names, ctx.device, top_k, single_view, num_workers, progress)
     finally:

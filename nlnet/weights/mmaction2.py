@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from nlnet.utils.io import atomic_write
+from nlnet.weights.converted import copy_fitted, write_converted
 from nlnet.weights.inflate import LoadReport
 from nlnet.weights.torchfile import read_torch_file, tensors_of
 
@@ -159,11 +159,7 @@ def load_mmaction2_state(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
     ]
     for key in zero_bias:
         fitted[key] = torch.zeros_like(targets[key])
-    with torch.no_grad():
-        for key, tensor in fitted.items():
-            targets[key].copy_(tensor)
-    report.loaded = list(fitted)
-    report.missing = [key for key in targets if key not in fitted]
+    copy_fitted(targets, fitted, report)
     if zero_bias:
         report.notes.append(f"{len(zero_bias)} non-local output convs have no bias in mmaction2: set to 0")
     return report
@@ -211,16 +207,7 @@ def convert_mmaction2(
     num_classes = 400 if fc is None else int(fc.shape[0])
     network = create(model, num_classes=num_classes, **overrides)
     report = load_mmaction2_state(network, state)
-    if unread:
-        report.notes.append("left unread: " + ", ".join(unread))
-    payload = {
-        "format": FORMAT,
-        "model": network.state_dict(),
-        "arch": model,
-        "num_classes": num_classes,
-        "overrides": overrides,
-        "missing": list(report.missing),
-        "normalization": dict(NORMALIZATION),
-    }
-    atomic_write(out_path, lambda stream: torch.save(payload, stream))
-    return report
+    return write_converted(
+        out_path, format=FORMAT, network=network, arch=model, num_classes=num_classes, overrides=overrides,
+        report=report, unread=unread, normalization=NORMALIZATION,
+    )
