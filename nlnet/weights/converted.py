@@ -8,13 +8,23 @@ mean/std the source framework's models expect.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from nlnet.utils.io import atomic_write
 from nlnet.weights.inflate import LoadReport
+
+
+def rename(key: str, patterns: Sequence[tuple[re.Pattern, Callable[[re.Match], str]]]) -> str | None:
+    """The name the first matching ``(pattern, name_of_match)`` gives ``key``, or None if none matches."""
+    for pattern, name in patterns:
+        match = pattern.match(key)
+        if match:
+            return name(match)
+    return None
 
 
 def copy_fitted(targets: Mapping[str, torch.Tensor], fitted: Mapping[str, torch.Tensor], report: LoadReport) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from nlnet.weights.converted import copy_fitted, write_converted
+from nlnet.weights.converted import copy_fitted, rename, write_converted
 from nlnet.weights.inflate import LoadReport
 from nlnet.weights.torchfile import read_torch_file, tensors_of
 
@@ -76,11 +76,7 @@ def nlnet_name(key: str) -> str | None:
     For example ``backbone.layer2.1.non_local_block.phi.0.conv.weight`` -> ``res3.1.nonlocal_block.phi.weight``
     and ``cls_head.fc_cls.bias`` -> ``head.fc.bias``.
     """
-    for pattern, name in _KEY_PATTERNS:
-        match = pattern.match(key)
-        if match:
-            return name(match)
-    return None
+    return rename(key, _KEY_PATTERNS)
 
 
 def read_mmaction2(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, list[str]]:

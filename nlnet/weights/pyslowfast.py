@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from nlnet.weights.converted import copy_fitted, write_converted
+from nlnet.weights.converted import copy_fitted, rename, write_converted
 from nlnet.weights.inflate import LoadReport
 from nlnet.weights.torchfile import read_torch_file, tensors_of
 
@@ -64,11 +64,7 @@ _KEY_PATTERNS = (
 def pyslowfast_name(key: str) -> str | None:
     """The PySlowFast name of an nlnet ResNet3d key (``res3.1.nonlocal_block.theta.weight`` ->
     ``s3.pathway0_nonlocal1.conv_theta.weight``), or None where PySlowFast has no such tensor."""
-    for pattern, name in _KEY_PATTERNS:
-        match = pattern.match(key)
-        if match:
-            return name(match)
-    return None
+    return rename(key, _KEY_PATTERNS)
 
 
 def read_pyslowfast(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, list[str]]:
