@@ -28,12 +28,12 @@ from nlnet.engine.config import load_config, recipe_of_checkpoint
 from nlnet.engine.distributed import cleanup_distributed, setup_distributed
 from nlnet.engine.evaluate import video_scores
 from nlnet.utils.io import atomic_write
+from nlnet.weights.caffe2 import CONVERTED_FORMATS
 
 __all__ = ["class_names_for", "predict", "video_files"]
 
 KINETICS400 = "kinetics400"
 # The "format" entry of a file written by nlnet.weights.caffe2.convert_caffe2.
-_CONVERTED_FORMAT = "nlnet.caffe2"
 
 
 def video_files(inputs: Sequence[str | Path]) -> list[Path]:
@@ -63,19 +63,20 @@ def video_files(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def _recipe(checkpoint: str | Path, config: str | Path | None) -> DictConfig:
-    """``config`` if given; else a converted official model's architecture with the Kinetics protocol of the
-    schema defaults; else the recipe the checkpoint was trained with."""
+    """``config`` if given; else a converted model's architecture (with the pixel mean/std its source framework
+    used, when the file records them) and the Kinetics protocol of the schema defaults; else the recipe the
+    checkpoint was trained with."""
     if config is not None:
         return load_config(config)
     state = load_checkpoint(checkpoint)
-    if state.get("format") == _CONVERTED_FORMAT:
+    if state.get("format") in CONVERTED_FORMATS:
         num_classes = int(state["num_classes"])
-        return load_config(
-            {
-                "model": {"name": state["arch"], "num_classes": num_classes, "overrides": state["overrides"]},
-                "data": {"num_classes": num_classes},
-            }
-        )
+        data: dict[str, Any] = {"num_classes": num_classes}
+        normalization = state.get("normalization")
+        if isinstance(normalization, dict):
+            data.update(mean=list(normalization["mean"]), std=list(normalization["std"]))
+        model = {"name": state["arch"], "num_classes": num_classes, "overrides": state["overrides"]}
+        return load_config({"model": model, "data": data})
     return load_config(recipe_of_checkpoint(checkpoint))
 
 

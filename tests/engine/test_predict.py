@@ -181,3 +181,23 @@ def test_kinetics400_names_are_the_official_order():
         "yoga": 398,
     }
     assert {name: names.index(name) for name in official} == official
+
+
+def test_a_converted_mmaction2_model_is_fed_with_mmaction2s_normalisation(tmp_path):
+    from nlnet.engine.predict import _recipe
+    from nlnet.models import create
+    from nlnet.weights.converted import write_converted
+    from nlnet.weights.inflate import LoadReport
+
+    overrides = {"stage_blocks": [1, 1, 1, 1], "base_width": 8, "nonlocal_blocks": {"res3": [0]}}
+    network = create("nl_i3d_r50_mmaction2", num_classes=7, **overrides)
+    path = tmp_path / "mm.pt"
+    # torchvision's ImageNet statistics in pixel units, as mmaction2's I3D configs normalise.
+    normalization = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
+    write_converted(
+        path, format="nlnet.mmaction2", network=network, arch="nl_i3d_r50_mmaction2", num_classes=7,
+        overrides=overrides, report=LoadReport(), unread=[], normalization=normalization,
+    )
+    cfg = _recipe(path, None)
+    assert cfg.model.name == "nl_i3d_r50_mmaction2" and int(cfg.model.num_classes) == 7
+    assert list(cfg.data.mean) == normalization["mean"] and list(cfg.data.std) == normalization["std"]
