@@ -50,9 +50,21 @@ def error_line(capsys, argv: list[str]) -> str:
 
 def test_every_command_is_registered():
     commands = _build_parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {"train", "test", "predict", "detect", "info", "convert", "visualize", "demo", "ablate"}
+    assert set(commands) == {
+        "train",
+        "test",
+        "predict",
+        "detect",
+        "info",
+        "convert",
+        "visualize",
+        "demo",
+        "ablate",
+        "data",
+    }
     detect = commands["detect"]._subparsers._group_actions[0].choices
     assert set(detect) == {"train", "eval", "cost"}
+    assert set(commands["data"]._subparsers._group_actions[0].choices) == {"prepare"}
 
 
 def test_test_needs_only_the_checkpoint(video_run, capsys):

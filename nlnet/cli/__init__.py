@@ -14,6 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from nlnet.cli.data import _add_data
 from nlnet.cli.detect import _add_detect
 from nlnet.cli.video import (
     _add_ablate,
@@ -31,7 +32,16 @@ from nlnet.cli.visualize import _add_visualize
 _USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, KeyError)
 
 _COMMANDS = (
-    _add_train, _add_test, _add_predict, _add_detect, _add_info, _add_convert, _add_visualize, _add_demo, _add_ablate
+    _add_train,
+    _add_test,
+    _add_predict,
+    _add_detect,
+    _add_info,
+    _add_convert,
+    _add_visualize,
+    _add_demo,
+    _add_ablate,
+    _add_data,
 )
 
 
@@ -62,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as err:
         if args.debug:
             raise
-        command = " ".join(filter(None, (args.command, getattr(args, "detect_command", None))))
+        command = " ".join(
+            filter(None, (args.command, getattr(args, "detect_command", None), getattr(args, "data_command", None)))
+        )
         print(f"nlnet {command}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
         return 2
