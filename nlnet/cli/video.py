@@ -228,6 +228,15 @@ def _add_convert(subparsers: _Subparsers, common: argparse.ArgumentParser) -> No
     parser.add_argument(
         "--clip", help="stem variant, e.g. 8x8_pyslowfast for PySlowFast's Caffe2 zoo .pkl (default: the model's)"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="after importing, run the source framework's network (mmaction2, when importable) and nlnet's on one "
+        "random clip; print each stage's largest difference; exit 1 when the logits differ beyond --tolerance",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4, help="--check: allowed difference / largest logit (default 1e-4)"
+    )
     parser.set_defaults(func=_convert)
 
 
@@ -256,6 +265,12 @@ def _convert(args: argparse.Namespace) -> int:
     report = convert(in_path, out_path, args.model, **overrides)
     print(report.summary())
     print(f"wrote {out_path}")
+    if args.check:
+        from nlnet.weights.parity import check_converted
+
+        check = check_converted(source, in_path, out_path, tolerance=args.tolerance)
+        print(check.summary())
+        return 0 if check.passed or not check.checked else 1
     return 0
 
 

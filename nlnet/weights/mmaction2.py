@@ -103,7 +103,7 @@ def read_mmaction2(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     return tensors_of(content, where), {}, unread
 
 
-def _mode_from(meta: dict, state: Mapping[str, torch.Tensor]) -> str | None:
+def nonlocal_mode_from(meta: dict, state: Mapping[str, torch.Tensor]) -> str | None:
     """The non-local mode the weights imply (gaussian, concatenation) or the stored config names."""
     if not any(".non_local_block." in key for key in state):
         return None
@@ -192,7 +192,7 @@ def convert_mmaction2(
     model = model or MODELS[has_nonlocal]
     overrides = dict(overrides)
     if has_nonlocal and "nonlocal_mode" not in overrides:
-        mode = _mode_from(meta, state)
+        mode = nonlocal_mode_from(meta, state)
         if mode is None:
             raise ValueError(
                 f"{os.fspath(in_path)}: the non-local mode (embedded_gaussian or dot_product: the weights look the "

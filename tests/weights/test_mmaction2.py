@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import os
+import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +12,17 @@ import pytest
 import torch
 from torch import nn
 
+import nlnet
 from nlnet.cli import main
 from nlnet.weights import convert_mmaction2, load_converted, read_mmaction2
 from nlnet.weights.mmaction2 import nlnet_name
+from nlnet.weights.parity import (
+    I3D_NON_LOCAL,
+    MMAction2Recognizer,
+    check_converted,
+    check_mmaction2,
+    import_mmaction2,
+)
 
 # mmaction2's own names for a few tensors, with nlnet's, written out by hand from mmaction2's ResNet3d /
 # mmcv's NonLocal3d / I3DHead module attributes.
@@ -142,71 +150,23 @@ def test_nonlocal_mode_must_be_known(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- by value against mmaction2
 
 
-def _import_mmaction2() -> types.ModuleType | None:
-    if importlib.util.find_spec("mmaction") is None:
-        return None
-    # The PyPI wheel of mmaction2 1.2.0 lacks mmaction.models.localizers.drn, which mmaction.models imports;
-    # stand in an empty package for it (no I3D code uses it).
-    package = types.ModuleType("mmaction.models.localizers.drn")
-    package.__path__ = []
-    module = types.ModuleType("mmaction.models.localizers.drn.drn")
-    module.DRN = type("DRN", (), {})
-    sys.modules.setdefault("mmaction.models.localizers.drn", package)
-    sys.modules.setdefault("mmaction.models.localizers.drn.drn", module)
-    from mmaction.models.backbones import resnet3d
-
-    return resnet3d
+def _mmaction2_importable() -> bool:
+    try:
+        import_mmaction2()
+    except ImportError:
+        return False
+    return True
 
 
-MMACTION2 = _import_mmaction2()
-needs_mmaction2 = pytest.mark.skipif(MMACTION2 is None, reason="mmaction2 is not installed (extra 'mmaction')")
+needs_mmaction2 = pytest.mark.skipif(
+    not _mmaction2_importable(), reason="mmaction2 is not installed (extra 'mmaction')"
+)
 
 
-class _Recognizer(nn.Module):
-    """The backbone + cls_head layout of mmaction2's Recognizer3D (its state-dict prefixes), eval only."""
-
-    def __init__(self, mode: str | None) -> None:
-        super().__init__()
-        from mmaction.models.heads.i3d_head import I3DHead
-
-        nonlocal_options = {}
-        if mode is not None:
-            nonlocal_options = {
-                "non_local": ((0, 0, 0), (0, 1, 0, 1), (0, 1, 0, 1, 0, 1), (0, 0, 0)),
-                "non_local_cfg": {
-                    "sub_sample": True,
-                    "use_scale": False,
-                    "mode": mode,
-                    "norm_cfg": {"type": "BN3d", "requires_grad": True},
-                },
-            }
-        # configs/_base_/models/i3d_r50.py of mmaction2 1.x.
-        self.backbone = MMACTION2.ResNet3d(
-            depth=50,
-            pretrained=None,
-            pretrained2d=False,
-            conv1_kernel=(5, 7, 7),
-            conv1_stride_t=2,
-            pool1_stride_t=2,
-            conv_cfg={"type": "Conv3d"},
-            norm_eval=False,
-            inflate=((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0)),
-            zero_init_residual=False,
-            **nonlocal_options,
-        )
-        self.cls_head = I3DHead(num_classes=13, in_channels=2048, spatial_type="avg", dropout_ratio=0.5)
-
-    def stages(self, clip: torch.Tensor) -> dict[str, torch.Tensor]:
-        backbone, out = self.backbone, {}
-        x = backbone.maxpool(backbone.conv1(clip))
-        out["stem"] = x
-        for index, name in enumerate(backbone.res_layers):
-            x = getattr(backbone, name)(x)
-            out[f"res{index + 2}"] = x
-            if index == 0:
-                x = backbone.pool2(x)
-        out["logits"] = self.cls_head(x)
-        return out
+def _recognizer(mode: str | None) -> MMAction2Recognizer:
+    """mmaction2's I3D R50 (NL I3D with ``mode``), 13 classes, in eval mode."""
+    nonlocal_options = {} if mode is None else {"non_local": I3D_NON_LOCAL, "nonlocal_mode": mode}
+    return MMAction2Recognizer(num_classes=13, **nonlocal_options).eval()
 
 
 def _randomise(model: nn.Module, seed: int) -> None:
@@ -254,7 +214,7 @@ def _save_mmengine_checkpoint(model: nn.Module, path: Path, cfg: str) -> None:
 @pytest.mark.parametrize("mode", [None, "embedded_gaussian", "dot_product", "gaussian"])
 def test_logits_equal_mmaction2(tmp_path: Path, mode: str | None) -> None:
     torch.manual_seed(0)
-    reference = _Recognizer(mode).eval()
+    reference = _recognizer(mode)
     _randomise(reference, seed=1)
     path, out = tmp_path / "mm.pth", tmp_path / "out.pt"
     cfg = "" if mode is None else f"model = dict(backbone=dict(non_local_cfg=dict(sub_sample=True, mode='{mode}')))"
@@ -265,7 +225,7 @@ def test_logits_equal_mmaction2(tmp_path: Path, mode: str | None) -> None:
     model = load_converted(out)
     clip = torch.randn(1, 3, 16, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected = reference.stages(clip)["logits"]
+        expected = reference(clip)
         logits = model(clip)
     scale = expected.abs().max()
     assert scale > 1e-2
@@ -280,10 +240,62 @@ def test_logits_equal_mmaction2(tmp_path: Path, mode: str | None) -> None:
 
 @needs_mmaction2
 def test_cli_converts_an_mmaction2_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    reference = _Recognizer("dot_product").eval()
+    reference = _recognizer("dot_product")
     _randomise(reference, seed=3)
     path, out = tmp_path / "mm.pth", tmp_path / "out.pt"
     _save_mmengine_checkpoint(reference, path, "")
     assert main(["convert", "mmaction2", str(path), str(out), "--nonlocal-mode", "dot_product"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert load_converted(out).res3[1].nonlocal_block.mode == "dot_product"
+
+
+# ----------------------------------------------------------------------------- convert --check
+
+
+def test_check_without_mmaction2_converts_and_says_why(tmp_path: Path) -> None:
+    from nlnet.models import create
+
+    path, out = tmp_path / "mm.pth", tmp_path / "out.pt"
+    torch.save({"state_dict": _nlnet_keyed_as_mmaction2(create("i3d_r50_mmaction2")), "meta": {}}, path)
+    # A fresh interpreter whose path holds only this tree (mmaction2, wherever it is installed, left off).
+    command = [sys.executable, "-m", "nlnet", "convert", "mmaction2", str(path), str(out), "--check"]
+    env = {**os.environ, "PYTHONPATH": str(Path(nlnet.__file__).parents[1])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "no check was possible: mmaction2 is not installed" in done.stdout
+    assert load_converted(out).head.fc.out_features == 400
+
+
+def test_no_reference_for_pyslowfast_and_caffe2(tmp_path: Path) -> None:
+    for source in ("pyslowfast", "caffe2"):
+        report = check_converted(source, tmp_path / "in", tmp_path / "out.pt", tolerance=1e-4)
+        assert not report.checked and not report.passed
+        assert "no reference implementation" in report.summary()
+        assert "stores no reference outputs" in report.summary()
+
+
+@needs_mmaction2
+def test_check_passes_then_localises_a_corrupted_res4(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    reference = _recognizer("embedded_gaussian")
+    _randomise(reference, seed=4)
+    path, out = tmp_path / "mm.pth", tmp_path / "out.pt"
+    cfg = "model = dict(backbone=dict(non_local_cfg=dict(sub_sample=True, mode='embedded_gaussian')))"
+    _save_mmengine_checkpoint(reference, path, cfg)
+    assert main(["convert", "mmaction2", str(path), str(out), "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert "check passed" in printed and "res4" in printed
+    report = check_mmaction2(path, out)
+    assert [entry.stage for entry in report.stages] == ["stem", "res2", "res3", "res4", "res5", "logits"]
+    assert all(entry.max_abs_diff < 1e-4 * entry.scale for entry in report.stages), report.summary()
+    assert report.passed and report.first_over is None
+
+    payload = torch.load(out, weights_only=True)
+    payload["model"]["res4.5.conv3.weight"][:64].neg_()  # 64 of res4's last 1024 output filters flipped
+    torch.save(payload, out)
+    report = check_mmaction2(path, out)
+    assert not report.passed and report.first_over == "res4", report.summary()
+    assert [entry.max_abs_diff < 1e-4 * entry.scale for entry in report.stages[:3]] == [True] * 3
+    # A wrong --nonlocal-mode against the mode the file's config records: the CLI exits 1, at res3's blocks.
+    argv = ["convert", "mmaction2", str(path), str(out), "--check", "--nonlocal-mode", "dot_product"]
+    assert main(argv) == 1
+    assert "FAILED (first stage over tolerance: res3)" in capsys.readouterr().out

@@ -1,0 +1,298 @@
+"""Does a converted file compute what its source framework computes? Stage-by-stage differences on one clip.
+
+For mmaction2 checkpoints, mmaction2's own ``ResNet3d`` + ``I3DHead`` (when importable) are built with the source
+weights and nlnet's network from the converted file; both run on the same seeded random clip, and forward hooks
+on corresponding modules record each stage's output, so a fault shows up at the first stage it touches.
+PySlowFast and Caffe2 have no reference implementation here, and their files store no reference outputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nlnet.weights.caffe2 import load_converted
+from nlnet.weights.mmaction2 import nonlocal_mode_from, read_mmaction2
+
+# configs/_base_/models/i3d_r50.py of mmaction2 1.x: which bottlenecks are temporal (3x1x1 conv1), and where
+# configs/recognition/i3d/*nl*.py put non-local blocks (res3 {1, 3}, res4 {1, 3, 5}).
+I3D_INFLATE = ((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0))
+I3D_NON_LOCAL = ((0, 0, 0), (0, 1, 0, 1), (0, 1, 0, 1, 0, 1), (0, 0, 0))
+# (stage, nlnet module, mmaction2 Recognizer module): the outputs compared. nlnet's stem includes pool1.
+STAGES = (
+    ("stem", "stem", "backbone.maxpool"),
+    ("res2", "res2", "backbone.layer1"),
+    ("res3", "res3", "backbone.layer2"),
+    ("res4", "res4", "backbone.layer3"),
+    ("res5", "res5", "backbone.layer4"),
+    ("logits", "head", "cls_head"),
+)
+CLIP_SHAPE = (1, 3, 16, 64, 64)  # the smallest clip both accept with room: pool1 and pool2 halve time
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass
+class StageDifference:
+    """The largest |nlnet - reference| of one stage's output, and the largest |reference| (its scale)."""
+
+    stage: str
+    max_abs_diff: float
+    scale: float
+
+    def over(self, tolerance: float) -> bool:
+        return self.max_abs_diff > tolerance * self.scale
+
+
+@dataclass
+class ParityReport:
+    """The outcome of a check: per-stage differences, or why no check was possible (``checked`` False)."""
+
+    checked: bool
+    tolerance: float = DEFAULT_TOLERANCE
+    stages: list[StageDifference] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def first_over(self) -> str | None:
+        """The first stage whose difference exceeds ``tolerance`` x its scale: where the fault starts."""
+        return next((entry.stage for entry in self.stages if entry.over(self.tolerance)), None)
+
+    @property
+    def passed(self) -> bool:
+        """True when checked and the logits agree within ``tolerance`` relative to the largest logit."""
+        logits = next((entry for entry in self.stages if entry.stage == "logits"), None)
+        return self.checked and logits is not None and not logits.over(self.tolerance)
+
+    def summary(self) -> str:
+        lines = [f"check: {note}" for note in self.notes]
+        for entry in self.stages:
+            relative = entry.max_abs_diff / entry.scale if entry.scale else float("inf")
+            flag = "  OVER" if entry.over(self.tolerance) else ""
+            lines.append(
+                f"  {entry.stage:<7} max |diff| {entry.max_abs_diff:.3e}  (max |ref| {entry.scale:.3e}, "
+                f"relative {relative:.1e}){flag}"
+            )
+        if self.checked:
+            verdict = "passed" if self.passed else f"FAILED (first stage over tolerance: {self.first_over})"
+            lines.append(f"check {verdict}: tolerance {self.tolerance:g} relative to each stage's largest output")
+        return "\n".join(lines)
+
+
+def import_mmaction2() -> types.ModuleType:
+    """mmaction2's ``mmaction.models`` package, for ``ResNet3d`` and ``I3DHead``.
+
+    Raises:
+        ImportError: mmaction2 (or mmcv / mmengine, which it needs) is not importable; the message says which.
+    """
+    if importlib.util.find_spec("mmaction") is None:
+        raise ImportError("mmaction2 is not installed (the 'mmaction' package is not on the path)")
+    # The PyPI wheel of mmaction2 1.2.0 lacks mmaction.models.localizers.drn, which mmaction.models imports;
+    # stand in an empty package for it (no I3D code uses it).
+    package = types.ModuleType("mmaction.models.localizers.drn")
+    package.__path__ = []
+    module = types.ModuleType("mmaction.models.localizers.drn.drn")
+    module.DRN = type("DRN", (), {})
+    sys.modules.setdefault("mmaction.models.localizers.drn", package)
+    sys.modules.setdefault("mmaction.models.localizers.drn.drn", module)
+    return importlib.import_module("mmaction.models")
+
+
+class MMAction2Recognizer(nn.Module):
+    """mmaction2's Recognizer3D layout (``backbone`` + ``cls_head``, its state-dict prefixes) for eval.
+
+    The defaults are mmaction2's I3D R50 config; ``non_local`` None builds no non-local blocks. Non-local blocks
+    use that config's settings: keys and values max-pooled (``sub_sample``), no 1/sqrt(d) scale, BN after the
+    output conv.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 400,
+        stage_blocks: Sequence[int] = (3, 4, 6, 3),
+        base_channels: int = 64,
+        conv1_kernel: Sequence[int] = (5, 7, 7),
+        inflate: Sequence[Sequence[int]] = I3D_INFLATE,
+        non_local: Sequence[Sequence[int]] | None = None,
+        nonlocal_mode: str = "embedded_gaussian",
+        sub_sample: bool = True,
+    ) -> None:
+        super().__init__()
+        models = import_mmaction2()
+        options = {}
+        if non_local is not None:
+            options = {
+                "non_local": tuple(tuple(stage) for stage in non_local),
+                "non_local_cfg": {
+                    "sub_sample": sub_sample,
+                    "use_scale": False,
+                    "mode": nonlocal_mode,
+                    "norm_cfg": {"type": "BN3d", "requires_grad": True},
+                },
+            }
+        self.backbone = models.ResNet3d(
+            depth=50,  # with stage_blocks given, depth only picks the block type: bottlenecks for 50 and 101
+            stage_blocks=tuple(stage_blocks),
+            base_channels=base_channels,
+            pretrained=None,
+            pretrained2d=False,
+            conv1_kernel=tuple(conv1_kernel),
+            conv1_stride_t=2,
+            pool1_stride_t=2,
+            conv_cfg={"type": "Conv3d"},
+            norm_eval=False,
+            inflate=tuple(tuple(stage) for stage in inflate),
+            zero_init_residual=False,
+            **options,
+        )
+        in_channels = base_channels * 2 ** (len(stage_blocks) - 1) * 4
+        self.cls_head = models.I3DHead(
+            num_classes=num_classes, in_channels=in_channels, spatial_type="avg", dropout_ratio=0.5
+        )
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        return self.cls_head(self.backbone(clip))
+
+
+def _recognizer_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's network tensors under Recognizer3D names: DDP's ``module.`` dropped, a bare backbone prefixed."""
+    renamed = {}
+    for key, tensor in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith("data_preprocessor."):
+            continue  # mean / std buffers, not part of the network
+        renamed[key if key.startswith(("backbone.", "cls_head.")) else f"backbone.{key}"] = tensor
+    return renamed
+
+
+def mmaction2_reference(state: Mapping[str, torch.Tensor], nonlocal_mode: str | None) -> MMAction2Recognizer:
+    """mmaction2's network shaped as the checkpoint's tensors say, with those tensors loaded, in eval mode.
+
+    Stage depths, widths, the stem kernel, which blocks are temporal and which have non-local blocks are read
+    from the tensors; the strides are mmaction2's I3D config's (the file does not record them).
+
+    Raises:
+        ValueError: the tensors do not fill the network (e.g. no ``cls_head``), or the non-local mode is unknown.
+    """
+    state = _recognizer_keys(state)
+    stage_blocks, inflate, non_local = [], [], []
+    for layer in range(1, 5):
+        count = 1 + max(int(k.split(".")[2]) for k in state if k.startswith(f"backbone.layer{layer}."))
+        stage_blocks.append(count)
+        inflate.append([int(state[f"backbone.layer{layer}.{i}.conv1.conv.weight"].shape[2] > 1) for i in range(count)])
+        non_local.append(
+            [
+                int(
+                    f"backbone.layer{layer}.{i}.non_local_block.g.0.conv.weight" in state
+                    or f"backbone.layer{layer}.{i}.non_local_block.g.conv.weight" in state
+                )
+                for i in range(count)
+            ]
+        )
+    has_nonlocal = any(any(stage) for stage in non_local)
+    if has_nonlocal and nonlocal_mode is None:
+        raise ValueError("the non-local mode is unknown: pass it (--nonlocal-mode)")
+    stem = state["backbone.conv1.conv.weight"]
+    fc = state.get("cls_head.fc_cls.weight")
+    if fc is None:
+        raise ValueError("the checkpoint has no cls_head.fc_cls: no logits to compare")
+    reference = MMAction2Recognizer(
+        num_classes=fc.shape[0],
+        stage_blocks=stage_blocks,
+        base_channels=stem.shape[0],
+        conv1_kernel=stem.shape[2:],
+        inflate=inflate,
+        non_local=non_local if has_nonlocal else None,
+        nonlocal_mode=nonlocal_mode or "embedded_gaussian",
+        sub_sample=any(".non_local_block.g.0." in key for key in state),
+    )
+    try:
+        reference.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"mmaction2's network does not take the checkpoint's tensors: {error}") from error
+    return reference.eval()
+
+
+def stage_outputs(network: nn.Module, modules: Sequence[str], clip: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of ``modules`` (dotted names) when ``network`` runs on ``clip``, through forward hooks."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        network.get_submodule(name).register_forward_hook(
+            lambda module, args, output, name=name: outputs.__setitem__(name, output.detach().clone())
+        )
+        for name in modules
+    ]
+    try:
+        with torch.no_grad():
+            network(clip)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [outputs[name] for name in modules]
+
+
+def compare(
+    model: nn.Module, reference: nn.Module, *, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0
+) -> ParityReport:
+    """Run nlnet's ``model`` and mmaction2's ``reference`` on one seeded random clip; differences per `STAGES`."""
+    clip = torch.randn(CLIP_SHAPE, generator=torch.Generator().manual_seed(seed))
+    ours = stage_outputs(model.eval(), [nlnet for _, nlnet, _ in STAGES], clip)
+    theirs = stage_outputs(reference.eval(), [mm for _, _, mm in STAGES], clip)
+    report = ParityReport(checked=True, tolerance=tolerance)
+    for (stage, _, _), mine, expected in zip(STAGES, ours, theirs, strict=True):
+        if mine.shape != expected.shape:
+            raise ValueError(f"{stage}: nlnet gives {tuple(mine.shape)}, mmaction2 {tuple(expected.shape)}")
+        difference = float((mine - expected).abs().max())
+        report.stages.append(StageDifference(stage, difference, float(expected.abs().max())))
+    return report
+
+
+def check_mmaction2(
+    source_path: str | os.PathLike, converted_path: str | os.PathLike, *, tolerance: float = DEFAULT_TOLERANCE
+) -> ParityReport:
+    """Compare a `convert_mmaction2` output with mmaction2 itself running the source checkpoint.
+
+    Returns:
+        The per-stage report; ``checked`` False (with the reason in ``notes``) when mmaction2 is not importable.
+    """
+    try:
+        import_mmaction2()
+    except ImportError as error:
+        return ParityReport(checked=False, tolerance=tolerance, notes=[f"no check was possible: {error}"])
+    state, meta, _ = read_mmaction2(source_path)
+    converted = torch.load(os.fspath(converted_path), map_location="cpu", weights_only=True)
+    notes = []
+    mode = nonlocal_mode_from(meta, state)
+    if mode is None and any(".non_local_block." in key for key in state):
+        # The source does not say embedded_gaussian or dot_product; the reference can only take the converted
+        # file's choice, so a wrong --nonlocal-mode would go unnoticed.
+        mode = converted.get("overrides", {}).get("nonlocal_mode")
+        notes.append(f"the source does not record its non-local mode: the reference uses the converted {mode!r}")
+    report = compare(load_converted(converted_path), mmaction2_reference(state, mode), tolerance=tolerance)
+    report.notes[:0] = notes + [f"mmaction2 vs nlnet on one random {'x'.join(map(str, CLIP_SHAPE))} clip"]
+    return report
+
+
+def check_converted(
+    source: str, source_path: str | os.PathLike, converted_path: str | os.PathLike, *, tolerance: float
+) -> ParityReport:
+    """`check_mmaction2` for ``source`` 'mmaction2'; for 'pyslowfast' and 'caffe2', why no check is possible."""
+    if source == "mmaction2":
+        return check_mmaction2(source_path, converted_path, tolerance=tolerance)
+    names = {"pyslowfast": "PySlowFast", "caffe2": "the Caffe2 (Detectron) video code"}
+    return ParityReport(
+        checked=False,
+        tolerance=tolerance,
+        notes=[
+            f"no check was possible: no reference implementation of {names[source]} is available here, and the "
+            "file stores no reference outputs to compare against"
+        ],
+    )
