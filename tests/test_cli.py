@@ -10,23 +10,12 @@ import json
 
 import pytest
 import torch
+from tiny_builtin import TINY_BUILTIN
 
 from nlnet.cli import _build_parser, main
 from nlnet.engine import save_checkpoint
 
-TINY_VIDEO = [
-    "data.builtin.num_train=8",
-    "data.builtin.num_test=4",
-    "data.test_clips=1",
-    "data.test_crops=1",
-    "train.batch_size=4",
-    "train.max_iter=1",
-    "train.checkpoint_period=1",
-    "train.log_period=1",
-    "train.num_workers=0",
-    "train.precise_bn=false",
-    "test.num_workers=0",
-]
+TINY_VIDEO = TINY_BUILTIN
 
 
 @pytest.fixture(scope="module")

@@ -22,21 +22,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tiny_builtin import TINY_BUILTIN
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.builtin.num_train=8",
-    "data.builtin.num_test=4",
-    "data.test_clips=1",
-    "data.test_crops=1",
-    "train.batch_size=4",
-    "train.max_iter=1",
-    "train.checkpoint_period=1",
-    "train.log_period=1",
-    "train.num_workers=0",
-    "train.precise_bn=false",
-    "test.num_workers=0",
-]
+TINY = TINY_BUILTIN
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from nlnet.models import create
 from nlnet.utils.io import atomic_write
 from nlnet.weights.inflate import LoadReport
 
@@ -34,6 +35,29 @@ def copy_fitted(targets: Mapping[str, torch.Tensor], fitted: Mapping[str, torch.
             targets[key].copy_(tensor)
     report.loaded = list(fitted)
     report.missing = [key for key in targets if key not in fitted]
+
+
+def convert_into(
+    out_path: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    *,
+    format: str,
+    arch: str,
+    overrides: Mapping,
+    classifier: torch.Tensor | None,
+    load_state: Callable[[nn.Module, Mapping[str, torch.Tensor]], LoadReport],
+    unread: Sequence[str],
+    normalization: Mapping[str, list[float]],
+) -> LoadReport:
+    """Builds ``arch`` with as many classes as the source's ``classifier`` weight has rows (400 without one),
+    loads ``state`` into it with ``load_state`` and writes the converted file."""
+    num_classes = 400 if classifier is None else int(classifier.shape[0])
+    network = create(arch, num_classes=num_classes, **overrides)
+    report = load_state(network, state)
+    return write_converted(
+        out_path, format=format, network=network, arch=arch, num_classes=num_classes, overrides=overrides,
+        report=report, unread=unread, normalization=normalization,
+    )
 
 
 def write_converted(

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from nlnet.weights.converted import copy_fitted, rename, write_converted
+from nlnet.weights.converted import convert_into, copy_fitted, rename
 from nlnet.weights.inflate import LoadReport
 from nlnet.weights.torchfile import read_torch_file, tensors_of
 
@@ -185,7 +185,6 @@ def convert_mmaction2(
         ValueError: a non-local file whose mode cannot be told, or a tensor whose shape does not fit (nothing is
             written then).
     """
-    from nlnet.models import create
 
     state, meta, unread = read_mmaction2(in_path)
     has_nonlocal = any(".non_local_block." in key for key in state)
@@ -199,11 +198,8 @@ def convert_mmaction2(
                 "same) is not in the file's config; pass nonlocal_mode (--nonlocal-mode)"
             )
         overrides["nonlocal_mode"] = mode
-    fc = next((value for key, value in state.items() if key.endswith("cls_head.fc_cls.weight")), None)
-    num_classes = 400 if fc is None else int(fc.shape[0])
-    network = create(model, num_classes=num_classes, **overrides)
-    report = load_mmaction2_state(network, state)
-    return write_converted(
-        out_path, format=FORMAT, network=network, arch=model, num_classes=num_classes, overrides=overrides,
-        report=report, unread=unread, normalization=NORMALIZATION,
+    classifier = next((value for key, value in state.items() if key.endswith("cls_head.fc_cls.weight")), None)
+    return convert_into(
+        out_path, state, format=FORMAT, arch=model, overrides=overrides, classifier=classifier,
+        load_state=load_mmaction2_state, unread=unread, normalization=NORMALIZATION,
     )

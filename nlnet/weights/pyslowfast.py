@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from nlnet.weights.converted import copy_fitted, rename, write_converted
+from nlnet.weights.converted import convert_into, copy_fitted, rename
 from nlnet.weights.inflate import LoadReport
 from nlnet.weights.torchfile import read_torch_file, tensors_of
 
@@ -135,7 +135,6 @@ def convert_pyslowfast(
         ValueError: a tensor whose shape does not fit, or a non-local file whose mode cannot be told; nothing
             is written then.
     """
-    from nlnet.models import create
 
     state, cfg, unread = read_pyslowfast(in_path)
     model = model or _guess_model(state)
@@ -148,11 +147,7 @@ def convert_pyslowfast(
                 "(--nonlocal-mode embedded_gaussian for softmax, dot_product)"
             )
         overrides["nonlocal_mode"] = _MODES[found.group(1)]
-    fc = state.get("head.projection.weight")
-    num_classes = 400 if fc is None else int(fc.shape[0])
-    network = create(model, num_classes=num_classes, **overrides)
-    report = load_pyslowfast_state(network, state)
-    return write_converted(
-        out_path, format=FORMAT, network=network, arch=model, num_classes=num_classes, overrides=overrides,
-        report=report, unread=unread, normalization=NORMALIZATION,
+    return convert_into(
+        out_path, state, format=FORMAT, arch=model, overrides=overrides, classifier=state.get("head.projection.weight"),
+        load_state=load_pyslowfast_state, unread=unread, normalization=NORMALIZATION,
     )
