@@ -1,9 +1,10 @@
 """Does a converted file compute what its source framework computes? Stage-by-stage differences on one clip.
 
-For mmaction2 checkpoints, mmaction2's own ``ResNet3d`` + ``I3DHead`` (when importable) are built with the source
-weights and nlnet's network from the converted file; both run on the same seeded random clip, and forward hooks
-on corresponding modules record each stage's output, so a fault shows up at the first stage it touches.
-PySlowFast and Caffe2 have no reference implementation here, and their files store no reference outputs.
+The source framework's own network (mmaction2's ``ResNet3d`` + ``I3DHead``, or PySlowFast's ``ResNetModel``),
+when importable, is built with the source weights and nlnet's network from the converted file; both run on the
+same seeded random clip, and forward hooks on corresponding modules record each stage's output, so a fault shows
+up at the first stage it touches. Caffe2 has no reference implementation here, and its files store no reference
+outputs.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import sys
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from nlnet.weights.caffe2 import load_converted
 from nlnet.weights.mmaction2 import nonlocal_mode_from, read_mmaction2
+from nlnet.weights.pyslowfast import architecture, block_indices, nonlocal_mode_of, read_pyslowfast
 
 # configs/_base_/models/i3d_r50.py of mmaction2 1.x: which bottlenecks are temporal (3x1x1 conv1), and where
 # configs/recognition/i3d/*nl*.py put non-local blocks (res3 {1, 3}, res4 {1, 3, 5}).
@@ -36,6 +39,16 @@ STAGES = (
     ("logits", "head", "cls_head"),
 )
 CLIP_SHAPE = (1, 3, 16, 64, 64)  # the smallest clip both accept with room: pool1 and pool2 halve time
+# The same for PySlowFast's ResNetModel; its head's projection gives channel-last logits per position.
+PYSLOWFAST_STAGES = (
+    ("stem", "stem", "network.s1"),
+    ("res2", "res2", "network.s2"),
+    ("res3", "res3", "network.s3"),
+    ("res4", "res4", "network.s4"),
+    ("res5", "res5", "network.s5"),
+    ("logits", "head", "network.head.projection"),
+)
+PYSLOWFAST_CLIP_SHAPE = (1, 3, 8, 64, 64)  # 8x8 models: pool2 halves time; the head pools 4 x 2 x 2
 DEFAULT_TOLERANCE = 1e-4
 
 
@@ -224,9 +237,14 @@ def mmaction2_reference(state: Mapping[str, torch.Tensor], nonlocal_mode: str | 
 def stage_outputs(network: nn.Module, modules: Sequence[str], clip: torch.Tensor) -> list[torch.Tensor]:
     """The outputs of ``modules`` (dotted names) when ``network`` runs on ``clip``, through forward hooks."""
     outputs: dict[str, torch.Tensor] = {}
+
+    def record(name: str, output: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        # PySlowFast's stages take and return a list of pathways; these networks have one.
+        outputs[name] = (output[0] if isinstance(output, (list, tuple)) else output).detach().clone()
+
     handles = [
         network.get_submodule(name).register_forward_hook(
-            lambda module, args, output, name=name: outputs.__setitem__(name, output.detach().clone())
+            lambda module, args, output, name=name: record(name, output)
         )
         for name in modules
     ]
@@ -240,16 +258,26 @@ def stage_outputs(network: nn.Module, modules: Sequence[str], clip: torch.Tensor
 
 
 def compare(
-    model: nn.Module, reference: nn.Module, *, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0
+    model: nn.Module,
+    reference: nn.Module,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+    stages: Sequence[tuple[str, str, str]] = STAGES,
+    clip_shape: Sequence[int] = CLIP_SHAPE,
 ) -> ParityReport:
-    """Run nlnet's ``model`` and mmaction2's ``reference`` on one seeded random clip; differences per `STAGES`."""
-    clip = torch.randn(CLIP_SHAPE, generator=torch.Generator().manual_seed(seed))
-    ours = stage_outputs(model.eval(), [nlnet for _, nlnet, _ in STAGES], clip)
-    theirs = stage_outputs(reference.eval(), [mm for _, _, mm in STAGES], clip)
+    """Run nlnet's ``model`` and the source framework's ``reference`` on one seeded random clip of
+    ``clip_shape``; the largest difference of each of ``stages`` ((stage, nlnet module, reference module))."""
+    clip = torch.randn(tuple(clip_shape), generator=torch.Generator().manual_seed(seed))
+    ours = stage_outputs(model.eval(), [nlnet for _, nlnet, _ in stages], clip)
+    theirs = stage_outputs(reference.eval(), [other for _, _, other in stages], clip)
     report = ParityReport(checked=True, tolerance=tolerance)
-    for (stage, _, _), mine, expected in zip(STAGES, ours, theirs, strict=True):
+    for (stage, _, _), mine, expected in zip(stages, ours, theirs, strict=True):
+        if stage == "logits" and expected.dim() > 2:
+            # Logits per position (N, T, H, W, classes): their mean is the logit of the pooled features.
+            expected = expected.flatten(1, -2).mean(1)
         if mine.shape != expected.shape:
-            raise ValueError(f"{stage}: nlnet gives {tuple(mine.shape)}, mmaction2 {tuple(expected.shape)}")
+            raise ValueError(f"{stage}: nlnet gives {tuple(mine.shape)}, the reference {tuple(expected.shape)}")
         difference = float((mine - expected).abs().max())
         report.stages.append(StageDifference(stage, difference, float(expected.abs().max())))
     return report
@@ -281,18 +309,119 @@ def check_mmaction2(
     return report
 
 
+def import_pyslowfast() -> tuple[Any, type[nn.Module]]:
+    """PySlowFast's ``get_cfg`` and ``ResNetModel``.
+
+    Its head module imports detectron2's ``ROIAlign`` for the AVA detection head, which no Kinetics model
+    builds; when detectron2 is absent, torchvision's ``RoIAlign`` stands in for it.
+
+    Raises:
+        ImportError: PySlowFast is not installed; the message says so.
+    """
+    if importlib.util.find_spec("slowfast") is None:
+        raise ImportError("PySlowFast is not installed (the 'slowfast' package is not on the path)")
+    if "detectron2" not in sys.modules and importlib.util.find_spec("detectron2") is None:
+        from torchvision.ops import RoIAlign
+
+        layers = types.ModuleType("detectron2.layers")
+        layers.ROIAlign = RoIAlign
+        package = types.ModuleType("detectron2")
+        package.__path__, package.layers = [], layers
+        sys.modules.setdefault("detectron2", package)
+        sys.modules.setdefault("detectron2.layers", layers)
+    defaults = importlib.import_module("slowfast.config.defaults")
+    return defaults.get_cfg, importlib.import_module("slowfast.models.video_model_builder").ResNetModel
+
+
+class PySlowFastReference(nn.Module):
+    """PySlowFast's ``ResNetModel`` taking one tensor (it takes a list of pathways) for `compare`."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        return self.network([clip])
+
+
+def pyslowfast_reference(state: Mapping[str, torch.Tensor], nonlocal_mode: str | None) -> PySlowFastReference:
+    """PySlowFast's network configured as the model_state's tensors say (arch, depth, width, non-local
+    locations, classes), for `PYSLOWFAST_CLIP_SHAPE` clips, with those tensors loaded, in eval mode.
+
+    Raises:
+        ValueError: the tensors do not fill that network, or the non-local mode is neither softmax
+            (embedded_gaussian) nor dot_product, PySlowFast's two.
+    """
+    get_cfg, resnet_model = import_pyslowfast()
+    arch, depth = architecture(state)
+    locations = block_indices(state, "nonlocal")
+    instantiation = {"embedded_gaussian": "softmax", "dot_product": "dot_product", None: "softmax"}.get(nonlocal_mode)
+    if instantiation is None:
+        raise ValueError(f"PySlowFast has no {nonlocal_mode!r} non-local block (softmax or dot_product)")
+    cfg = get_cfg()
+    cfg.MODEL.ARCH, cfg.RESNET.DEPTH = arch, depth
+    cfg.MODEL.NUM_CLASSES = state["head.projection.weight"].shape[0]
+    cfg.RESNET.WIDTH_PER_GROUP = state["s1.pathway0_stem.conv.weight"].shape[0]
+    cfg.RESNET.NUM_BLOCK_TEMP_KERNEL = [[len(block)] for block in block_indices(state, "res")]
+    cfg.NONLOCAL.LOCATION = [[indices] for indices in locations]
+    cfg.NONLOCAL.INSTANTIATION = instantiation
+    cfg.DATA.INPUT_CHANNEL_NUM = [3]
+    cfg.DATA.NUM_FRAMES = PYSLOWFAST_CLIP_SHAPE[2]
+    for crop in ("CROP_SIZE", "TRAIN_CROP_SIZE"):  # the head's pooling window: older releases read the first
+        if crop in cfg.DATA:
+            cfg.DATA[crop] = PYSLOWFAST_CLIP_SHAPE[-1]
+    reference = PySlowFastReference(resnet_model(cfg))
+    try:
+        reference.network.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"PySlowFast's network does not take the checkpoint's tensors: {error}") from error
+    return reference.eval()
+
+
+def check_pyslowfast(
+    source_path: str | os.PathLike, converted_path: str | os.PathLike, *, tolerance: float = DEFAULT_TOLERANCE
+) -> ParityReport:
+    """Compare a `convert_pyslowfast` output with PySlowFast itself running the source checkpoint.
+
+    Returns:
+        The per-stage report; ``checked`` False (with the reason in ``notes``) when PySlowFast is not importable.
+    """
+    try:
+        import_pyslowfast()
+    except ImportError as error:
+        return ParityReport(checked=False, tolerance=tolerance, notes=[f"no check was possible: {error}"])
+    state, cfg, _ = read_pyslowfast(source_path)
+    converted = torch.load(os.fspath(converted_path), map_location="cpu", weights_only=True)
+    notes = [f"PySlowFast vs nlnet on one random {'x'.join(map(str, PYSLOWFAST_CLIP_SHAPE))} clip"]
+    mode = nonlocal_mode_of(cfg)
+    if mode is None and block_indices(state, "nonlocal") != [[]] * 4:
+        # As for mmaction2: without the source's own word the reference takes the converted file's choice.
+        mode = converted.get("overrides", {}).get("nonlocal_mode")
+        notes.insert(0, f"the source does not record its non-local mode: the reference uses the converted {mode!r}")
+    report = compare(
+        load_converted(converted_path),
+        pyslowfast_reference(state, mode),
+        tolerance=tolerance,
+        stages=PYSLOWFAST_STAGES,
+        clip_shape=PYSLOWFAST_CLIP_SHAPE,
+    )
+    report.notes[:0] = notes
+    return report
+
+
 def check_converted(
     source: str, source_path: str | os.PathLike, converted_path: str | os.PathLike, *, tolerance: float
 ) -> ParityReport:
-    """`check_mmaction2` for ``source`` 'mmaction2'; for 'pyslowfast' and 'caffe2', why no check is possible."""
+    """`check_mmaction2` or `check_pyslowfast` for those sources; for 'caffe2', why no check is possible."""
     if source == "mmaction2":
         return check_mmaction2(source_path, converted_path, tolerance=tolerance)
-    names = {"pyslowfast": "PySlowFast", "caffe2": "the Caffe2 (Detectron) video code"}
+    if source == "pyslowfast":
+        return check_pyslowfast(source_path, converted_path, tolerance=tolerance)
     return ParityReport(
         checked=False,
         tolerance=tolerance,
         notes=[
-            f"no check was possible: no reference implementation of {names[source]} is available here, and the "
-            "file stores no reference outputs to compare against"
+            "no check was possible: no reference implementation of the Caffe2 (Detectron) video code is available "
+            "here, and the file stores no reference outputs to compare against"
         ],
     )

@@ -80,17 +80,44 @@ def read_pyslowfast(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     return tensors_of(content, where), "", unread
 
 
-def _guess_model(state: Mapping[str, torch.Tensor]) -> str:
-    """c2d/i3d from conv1's temporal kernel, R50/R101 from the res4 block count, nl_ if NL tensors exist."""
+def architecture(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:
+    """PySlowFast's MODEL.ARCH ("c2d" or "i3d", from conv1's temporal kernel) and RESNET.DEPTH (50 or 101, from
+    the res4 block count) of a model_state.
+
+    Raises:
+        ValueError: the tensors are not those of a PySlowFast ResNet of either depth.
+    """
     stem = state.get("s1.pathway0_stem.conv.weight")
     if stem is None or stem.dim() != 5:
         raise ValueError("no 5-D s1.pathway0_stem.conv.weight: not a PySlowFast ResNet; pass --model")
-    blocks = {int(m.group(1)) for key in state if (m := re.match(r"^s4\.pathway0_res(\d+)\.", key))}
-    depth = {6: 50, 23: 101}.get(len(blocks))
+    res4_blocks = len(block_indices(state, "res")[2])
+    depth = {6: 50, 23: 101}.get(res4_blocks)
     if depth is None:
-        raise ValueError(f"res4 has {len(blocks)} blocks, neither R50 (6) nor R101 (23); pass --model")
-    nonlocal_prefix = "nl_" if any("_nonlocal" in key for key in state) else ""
-    return f"{nonlocal_prefix}{'i3d' if stem.shape[2] > 1 else 'c2d'}_r{depth}"
+        raise ValueError(f"res4 has {res4_blocks} blocks, neither R50 (6) nor R101 (23); pass --model")
+    return ("i3d" if stem.shape[2] > 1 else "c2d"), depth
+
+
+def block_indices(state: Mapping[str, torch.Tensor], kind: str) -> list[list[int]]:
+    """Per stage s2..s5, the sorted indices i of the ``s{S}.pathway0_{kind}{i}.*`` tensors: with ``kind``
+    "nonlocal" where the non-local blocks sit (PySlowFast's NONLOCAL.LOCATION), with "res" the residual blocks."""
+    pattern = re.compile(rf"^s(\d)\.pathway0_{kind}(\d+)\.")
+    found: list[set[int]] = [set() for _ in range(4)]
+    for key in state:
+        if (match := pattern.match(key)) and 2 <= int(match.group(1)) <= 5:
+            found[int(match.group(1)) - 2].add(int(match.group(2)))
+    return [sorted(indices) for indices in found]
+
+
+def nonlocal_mode_of(cfg: str) -> str | None:
+    """nlnet's name for the NONLOCAL.INSTANTIATION a checkpoint's cfg text records, or None where it has none."""
+    found = _CFG_MODE.search(cfg)
+    return _MODES.get(found.group(1)) if found else None
+
+
+def _guess_model(state: Mapping[str, torch.Tensor]) -> str:
+    """The nlnet preset of a model_state: `architecture`, with nl_ if non-local tensors exist."""
+    arch, depth = architecture(state)
+    return f"{'nl_' if any('_nonlocal' in key for key in state) else ''}{arch}_r{depth}"
 
 
 def load_pyslowfast_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> LoadReport:
@@ -140,13 +167,13 @@ def convert_pyslowfast(
     model = model or _guess_model(state)
     overrides = {"clip": CLIP, **overrides}
     if any("_nonlocal" in key for key in state) and "nonlocal_mode" not in overrides:
-        found = _CFG_MODE.search(cfg)
-        if found is None or found.group(1) not in _MODES:
+        mode = nonlocal_mode_of(cfg)
+        if mode is None:
             raise ValueError(
                 f"{os.fspath(in_path)}: NONLOCAL.INSTANTIATION is not in the file's cfg; pass nonlocal_mode "
                 "(--nonlocal-mode embedded_gaussian for softmax, dot_product)"
             )
-        overrides["nonlocal_mode"] = _MODES[found.group(1)]
+        overrides["nonlocal_mode"] = mode
     return convert_into(
         out_path, state, format=FORMAT, arch=model, overrides=overrides, classifier=state.get("head.projection.weight"),
         load_state=load_pyslowfast_state, unread=unread, normalization=NORMALIZATION,
