@@ -231,8 +231,9 @@ def _add_convert(subparsers: _Subparsers, common: argparse.ArgumentParser) -> No
     parser.add_argument(
         "--check",
         action="store_true",
-        help="after importing, run the source framework's network (mmaction2, when importable) and nlnet's on one "
-        "random clip; print each stage's largest difference; exit 1 when the logits differ beyond --tolerance",
+        help="after importing, run the source framework's network (mmaction2 or PySlowFast, when importable) and "
+        "nlnet's on one random clip; print each stage's largest difference; exit 1 when the logits differ beyond "
+        "--tolerance",
     )
     parser.add_argument(
         "--tolerance", type=float, default=1e-4, help="--check: allowed difference / largest logit (default 1e-4)"
