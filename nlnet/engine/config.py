@@ -177,7 +177,8 @@ DETECTION_DEFAULTS: dict[str, Any] = {
         },
     },
     "data": {
-        # "shapes": the generated built-in set under data.root; "coco": the four paths below.
+        # "shapes" or "context" (the class is decided by a distant cue): a generated built-in set under
+        # data.root, sized by the shapes_* keys; "coco": the four paths below.
         "format": "shapes",
         "root": "~/.cache/nlnet/detection-shapes",
         # "instances" (boxes + masks) or "keypoints"; must suit the model.
@@ -475,8 +476,8 @@ def validate_detection_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"model {cfg.model.name!r} needs data.task={'instances' if kind == 'mask' else 'keypoints'}"
         )
-    if cfg.data.format not in ("shapes", "coco"):
-        raise ValueError(f"data.format must be 'shapes' or 'coco', got {cfg.data.format!r}")
+    if cfg.data.format not in ("shapes", "context", "coco"):
+        raise ValueError(f"data.format must be 'shapes', 'context' or 'coco', got {cfg.data.format!r}")
     if cfg.data.format == "coco":
         for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
             if cfg.data[key] is None:
