@@ -351,6 +351,8 @@ class _Run:
                 raise FloatingPointError(f"loss is not finite at iteration {self.iteration}: {values}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.cfg.train.clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.train.clip_grad_norm))
             self.optimizer.step()
             for key, value in losses.items():
                 self.window.setdefault(key, []).append(float(value.detach()))

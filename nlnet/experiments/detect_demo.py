@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from nlnet.engine import detection
+from nlnet.viz import load_input, load_model
 
-__all__ = ["DEMO_RECIPES", "detect_demo", "format_detect_demo"]
+__all__ = ["DEMO_RECIPES", "detect_demo", "detections_figure", "format_detect_demo"]
 
 DEMO_RECIPES = {
     "instances": "detection/context_maskrcnn_r50",
@@ -131,3 +132,51 @@ def format_detect_demo(task: str, rows: Sequence[dict[str, Any]]) -> str:
     summary = " | ".join(_mean_std(columns[k]) for k in columns)
     lines.append(f"| mean ± std | {summary} | |")
     return "\n".join(lines)
+
+
+def detections_figure(
+    checkpoints: dict[str, str | Path], image: str | Path, out: str | Path, *, min_score: float = 0.5
+) -> dict[str, list[tuple[str, float]]]:
+    """One panel per detection checkpoint: its boxes (score >= ``min_score``) and labels on ``image``.
+
+    Args:
+        checkpoints: panel title -> nlnet detection checkpoint (its recipe is read from it).
+        image: an image file.
+        out: the PNG to write.
+        min_score: lowest score drawn.
+
+    Returns:
+        Per panel, the (category name, score) of every box drawn, highest score first.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    figure, axes = plt.subplots(1, len(checkpoints), figsize=(4 * len(checkpoints), 4), squeeze=False)
+    drawn: dict[str, list[tuple[str, float]]] = {}
+    for axis, (title, checkpoint) in zip(axes[0], checkpoints.items(), strict=True):
+        model, recipe = load_model(checkpoint)
+        _, val_set = detection.build_datasets(recipe.data)
+        names = val_set.category_names
+        pixels, _ = load_input(image, model, recipe)
+        with torch.no_grad():
+            found = model([pixels])[0]
+        axis.imshow(pixels.permute(1, 2, 0).numpy())
+        drawn[title] = []
+        for box, label, score in zip(found["boxes"], found["labels"], found["scores"], strict=True):
+            if float(score) < min_score:
+                continue
+            x1, y1, x2, y2 = (float(v) for v in box)
+            name = names[int(label) - 1]
+            drawn[title].append((name, float(score)))
+            axis.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow", linewidth=1.5))
+            axis.text(x1, y1 - 2, f"{name} {float(score):.2f}", color="yellow", fontsize=8)
+        axis.set_title(title, fontsize=9)
+        axis.axis("off")
+    figure.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return drawn

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nlnet.cli import main
-from nlnet.experiments.detect_demo import format_detect_demo
+from nlnet.data.context_coco import CUE_NAMES
+from nlnet.experiments.detect_demo import detections_figure, format_detect_demo
 
 
 def _tiny(tmp_path) -> list[str]:
@@ -57,6 +58,15 @@ def test_demo_trains_and_scores_both_variants(tmp_path, capsys, task: str, secon
     row = next(line for line in printed.splitlines() if line.startswith("| 0 |")).split("|")
     assert float(row[3]) == pytest.approx(100 * nl["bbox"]["AP"], abs=0.051)
     assert float(row[6]) == pytest.approx(100 * nl[second]["AP"], abs=0.051)
+    if task == "instances":
+        image = tmp_path / "data" / "context_instances_val" / "000000.png"
+        runs = {"NL": "seed0_nl", "base": "seed0_base"}
+        panels = {name: out / task / run / "checkpoint_00000001.pt" for name, run in runs.items()}
+        drawn = detections_figure(panels, image, tmp_path / "fig.png", min_score=0.0)
+        assert (tmp_path / "fig.png").stat().st_size > 0 and set(drawn) == {"NL", "base"}
+        scores = [score for boxes in drawn.values() for _, score in boxes]
+        assert all(name in CUE_NAMES for boxes in drawn.values() for name, _ in boxes)
+        assert all(0 <= s <= 1 for s in scores)
 
 
 def test_table_has_per_seed_gains_and_mean_and_std() -> None:
@@ -72,3 +82,15 @@ def test_table_has_per_seed_gains_and_mean_and_std() -> None:
     assert table[-1] == "| mean ± std | 32.0 ± 2.8 | 40.0 ± 0.0 | 8.0 ± 2.8 | 21.0 ± 1.4 | 28.0 ± 2.8 | 7.0 ± 1.4 | |"
     with pytest.raises(ValueError, match="needs one 'nl' and one 'base'"):
         format_detect_demo("keypoints", rows[:3])
+
+
+def test_context_recipes_load_and_clip_must_be_positive() -> None:
+    from nlnet.engine import detection
+
+    for recipe in ("detection/context_maskrcnn_r50", "detection/context_keypointrcnn_r50"):
+        cfg = detection.load_config(recipe)
+        assert cfg.data.format == "context" and cfg.train.clip_grad_norm == 5.0
+    with pytest.raises(ValueError, match="clip_grad_norm must be > 0"):
+        detection.load_config("detection/context_maskrcnn_r50", ["train.clip_grad_norm=0"])
+    with pytest.raises(ValueError, match="'shapes', 'context' or 'coco'"):
+        detection.load_config(None, ["data.format=voc"])
