@@ -23,7 +23,6 @@ and nothing but the bar changes: the local evidence cannot decide the label (tes
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,17 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from nlnet.data.coco import _SHAPES, TASKS, _annotation, _kite_polygon, _shape_polygon
-from nlnet.utils.io import atomic_write
+from nlnet.data.coco import (
+    _SHAPES,
+    KITE_CATEGORY,
+    TASKS,
+    _annotation,
+    _kite_polygon,
+    _shape_polygon,
+    generator_params,
+    is_current,
+    write_set,
+)
 
 __all__ = ["CUE_COLOURS", "CUE_GAP", "CUE_ROWS", "cue_of_pixels", "draw_context_image", "make_context_coco"]
 
@@ -42,7 +50,6 @@ CUE_GAP = 40
 CUE_NAMES = ("red", "green", "blue")
 CUE_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (50, 80, 230)}
 KEYPOINT_CUES = {"red": 0, "blue": 2}  # cue -> quarter turns from geometric corner to keypoint name
-_KITE_KEYPOINTS = ["top", "left", "bottom", "right"]
 _GENERATOR_VERSION = 1
 
 
@@ -129,33 +136,13 @@ def make_context_coco(
     Returns:
         ``(image_dir, annotation_file)``. The same arguments always give the same files.
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if num_images < 1 or max_objects < 1:
-        raise ValueError(f"num_images and max_objects must be >= 1, got {num_images} and {max_objects}")
-    low, high = image_size
-    if not 112 <= low <= high:
-        raise ValueError(
-            f"image_size must be (low, high) with 112 <= low <= high (room below the cue), got {image_size}"
-        )
+    params = generator_params(_GENERATOR_VERSION, split, num_images, task, seed, image_size, max_objects, 112)
+    low, high = params["image_size"]
     root = Path(root)
     image_dir = root / f"context_{task}_{split}"
     annotation_file = root / f"context_{task}_{split}.json"
-    params = {
-        "version": _GENERATOR_VERSION,
-        "split": split,
-        "num_images": num_images,
-        "task": task,
-        "seed": seed,
-        "image_size": [low, high],
-        "max_objects": max_objects,
-    }
-    if annotation_file.is_file():
-        try:
-            if json.loads(annotation_file.read_text())["info"]["generator"] == params:
-                return image_dir, annotation_file
-        except (ValueError, KeyError, TypeError):
-            pass
+    if is_current(annotation_file, params):
+        return image_dir, annotation_file
     image_dir.mkdir(parents=True, exist_ok=True)
     cues = sorted(KEYPOINT_CUES, key=CUE_NAMES.index) if task == "keypoints" else list(CUE_NAMES)
     images, annotations = [], []
@@ -171,28 +158,13 @@ def make_context_coco(
             annotations.append(
                 _annotation(len(annotations) + 1, index + 1, obj["category_id"], obj["polygon"], obj["keypoints"])
             )
-    dataset = {
-        "info": {"description": "nlnet built-in context set", "generator": params},
-        "images": images,
-        "annotations": annotations,
-        "categories": _categories(task),
-    }
-    atomic_write(annotation_file, lambda handle: handle.write(json.dumps(dataset).encode()))
+    categories = (
+        [dict(KITE_CATEGORY)]
+        if task == "keypoints"
+        else [{"id": i + 1, "name": name, "supercategory": "cue"} for i, name in enumerate(CUE_NAMES)]
+    )
+    write_set(annotation_file, "nlnet built-in context set", params, images, annotations, categories)
     return image_dir, annotation_file
-
-
-def _categories(task: str) -> list[dict[str, Any]]:
-    if task == "instances":
-        return [{"id": i + 1, "name": name, "supercategory": "cue"} for i, name in enumerate(CUE_NAMES)]
-    return [
-        {
-            "id": 1,
-            "name": "kite",
-            "supercategory": "shape",
-            "keypoints": list(_KITE_KEYPOINTS),
-            "skeleton": [[1, 2], [2, 3], [3, 4], [4, 1]],
-        }
-    ]
 
 
 def _free_spot_below(

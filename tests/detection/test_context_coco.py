@@ -96,7 +96,7 @@ def test_the_generated_set_is_made_of_such_scenes(tmp_path) -> None:
 
 
 def test_bad_arguments_are_value_errors(tmp_path) -> None:
-    with pytest.raises(ValueError, match="112 <= low"):
+    with pytest.raises(ValueError, match="112 <= low <= high"):
         make_context_coco(tmp_path, "train", num_images=2, image_size=(64, 72))
     with pytest.raises(ValueError, match="cue must be one of"):
         draw_context_image("0", "green", "keypoints", 128, 128, 2)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tiny_detector import SMALL_PROPOSALS
 
 from nlnet.cli import main
 from nlnet.data.context_coco import CUE_NAMES
@@ -20,13 +21,7 @@ def _tiny(tmp_path) -> list[str]:
         "data.shapes_image_size=[112,120]",
         "model.overrides.min_size=112",
         "model.overrides.max_size=120",
-        "model.overrides.rpn_pre_nms_top_n_train=60",
-        "model.overrides.rpn_post_nms_top_n_train=30",
-        "model.overrides.rpn_pre_nms_top_n_test=30",
-        "model.overrides.rpn_post_nms_top_n_test=10",
-        "model.overrides.rpn_batch_size_per_image=32",
-        "model.overrides.box_batch_size_per_image=16",
-        "model.overrides.box_detections_per_img=5",
+        *SMALL_PROPOSALS,
         "train.max_iter=1",
         "train.warmup_iters=1",
         "train.decay_steps=[2]",
