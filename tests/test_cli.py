@@ -52,7 +52,7 @@ def test_every_command_is_registered():
         "data",
     }
     detect = commands["detect"]._subparsers._group_actions[0].choices
-    assert set(detect) == {"train", "eval", "cost"}
+    assert set(detect) == {"train", "eval", "cost", "demo"}
     assert set(commands["data"]._subparsers._group_actions[0].choices) == {"prepare"}
 
 

@@ -1,4 +1,4 @@
-"""``nlnet detect``: Mask/Keypoint R-CNN with non-local blocks (train, eval, cost)."""
+"""``nlnet detect``: Mask/Keypoint R-CNN with non-local blocks (train, eval, cost, demo)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from nlnet.cli.common import _is_main_rank, _log_to_stderr, _recipe, _Subparsers
 def _add_detect(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "detect",
-        help="Mask/Keypoint R-CNN with non-local blocks (paper §6): train, eval, cost",
+        help="Mask/Keypoint R-CNN with non-local blocks (paper §6): train, eval, cost, demo",
         description="Detection with torchvision's Mask/Keypoint R-CNN and the paper's non-local blocks. Without "
         "--config the recipe is the built-in shapes set (generated on first use); eval takes the checkpoint's "
         "own recipe. Overrides are dotted KEY=VALUE.",
@@ -24,7 +24,14 @@ def _add_detect(subparsers: _Subparsers, common: argparse.ArgumentParser) -> Non
     cost_parser = commands.add_parser(
         "cost", parents=[common], help="FLOPs and step time with vs without the non-local blocks"
     )
-    for sub in (train_parser, eval_parser, cost_parser):
+    demo_parser = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="with vs without non-local blocks on the built-in context set, per seed",
+        description="Train the context recipe with and without its non-local blocks for seeds 0..N-1 (runs "
+        "continue from their checkpoints) and print box AP and mask (or keypoint) AP per seed, mean ± std.",
+    )
+    for sub in (train_parser, eval_parser, cost_parser, demo_parser):
         sub.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
         sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     for sub in (train_parser, cost_parser):
@@ -40,6 +47,10 @@ def _add_detect(subparsers: _Subparsers, common: argparse.ArgumentParser) -> Non
     cost_parser.add_argument("--steps", type=int, default=5, help="timed training steps per model")
     cost_parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="FLOPs also at H x W")
     cost_parser.set_defaults(func=_detect_cost)
+    demo_parser.add_argument("--task", choices=("instances", "keypoints"), default="instances")
+    demo_parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    demo_parser.add_argument("--out-dir", default="runs/detect_demo", help="runs and <task>_results.md")
+    demo_parser.set_defaults(func=_detect_demo)
 
 
 def _detect_train(args: argparse.Namespace) -> int:
@@ -66,11 +77,18 @@ def _detect_eval(args: argparse.Namespace) -> int:
 
 
 def _detect_cost(args: argparse.Namespace) -> int:
-
     from nlnet.engine import detection
 
     _log_to_stderr()
     cfg = detection.load_config(args.config, args.overrides)
     result = detection.measure_cost(cfg, steps=args.steps, image_size=args.image_size, device=args.device)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _detect_demo(args: argparse.Namespace) -> int:
+    from nlnet.experiments.detect_demo import detect_demo
+
+    _log_to_stderr()
+    detect_demo(args.task, seeds=args.seeds, out_dir=args.out_dir, overrides=args.overrides, device=args.device)
     return 0

@@ -389,31 +389,13 @@ def make_shapes_coco(
     Returns:
         ``(image_dir, annotation_file)``.
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if num_images < 1 or max_objects < 1:
-        raise ValueError(f"num_images and max_objects must be >= 1, got {num_images} and {max_objects}")
-    low, high = image_size
-    if not 64 <= low <= high:
-        raise ValueError(f"image_size must be (low, high) with 64 <= low <= high, got {image_size}")
+    params = generator_params(_GENERATOR_VERSION, split, num_images, task, seed, image_size, max_objects, 64)
+    low, high = params["image_size"]
     root = Path(root)
     image_dir = root / f"{task}_{split}"
     annotation_file = root / f"{task}_{split}.json"
-    params = {
-        "version": _GENERATOR_VERSION,
-        "split": split,
-        "num_images": num_images,
-        "task": task,
-        "seed": seed,
-        "image_size": [low, high],
-        "max_objects": max_objects,
-    }
-    if annotation_file.is_file():
-        try:
-            if json.loads(annotation_file.read_text())["info"]["generator"] == params:
-                return image_dir, annotation_file
-        except (ValueError, KeyError, TypeError):
-            pass
+    if is_current(annotation_file, params):
+        return image_dir, annotation_file
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     images, annotations = [], []
@@ -423,29 +405,81 @@ def make_shapes_coco(
         file_name = f"{image_index:06d}.png"
         canvas.save(image_dir / file_name)
         images.append({"id": image_index + 1, "file_name": file_name, "width": width, "height": height})
-    dataset = {
-        "info": {"description": "nlnet built-in shapes", "generator": params},
-        "images": images,
-        "annotations": annotations,
-        "categories": _categories(task),
-    }
-    atomic_write(annotation_file, lambda handle: handle.write(json.dumps(dataset).encode()))
+    write_set(annotation_file, "nlnet built-in shapes", params, images, annotations, _categories(task))
     return image_dir, annotation_file
 
+
+def generator_params(
+    version: int,
+    split: str,
+    num_images: int,
+    task: str,
+    seed: int,
+    image_size: tuple[int, int],
+    max_objects: int,
+    min_side: int,
+) -> dict[str, Any]:
+    """A built-in set's arguments, checked, as stored in its JSON's ``info.generator`` (see :func:`is_current`)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if num_images < 1 or max_objects < 1:
+        raise ValueError(f"num_images and max_objects must be >= 1, got {num_images} and {max_objects}")
+    low, high = image_size
+    if not min_side <= low <= high:
+        raise ValueError(f"image_size must be (low, high) with {min_side} <= low <= high, got {image_size}")
+    return {
+        "version": version,
+        "split": split,
+        "num_images": num_images,
+        "task": task,
+        "seed": seed,
+        "image_size": [low, high],
+        "max_objects": max_objects,
+    }
+
+
+def is_current(annotation_file: Path, params: dict[str, Any]) -> bool:
+    """Whether ``annotation_file`` exists and was written with ``params`` (else the set is regenerated)."""
+    if not annotation_file.is_file():
+        return False
+    try:
+        return json.loads(annotation_file.read_text())["info"]["generator"] == params
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def write_set(
+    annotation_file: Path,
+    description: str,
+    params: dict[str, Any],
+    images: list[dict[str, Any]],
+    annotations: list[dict[str, Any]],
+    categories: list[dict[str, Any]],
+) -> None:
+    """Write a built-in set's COCO JSON atomically, its arguments under ``info.generator``."""
+    dataset = {
+        "info": {"description": description, "generator": params},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
+    atomic_write(annotation_file, lambda handle: handle.write(json.dumps(dataset).encode()))
+
+
+KITE_CATEGORY = {
+    "id": 1,
+    "name": "kite",
+    "supercategory": "shape",
+    "keypoints": list(_KITE_KEYPOINTS),
+    "skeleton": [[1, 2], [2, 3], [3, 4], [4, 1]],
+}
 
 
 def _categories(task: str) -> list[dict[str, Any]]:
     if task == "instances":
         return [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(_SHAPES)]
-    return [
-        {
-            "id": 1,
-            "name": "kite",
-            "supercategory": "shape",
-            "keypoints": list(_KITE_KEYPOINTS),
-            "skeleton": [[1, 2], [2, 3], [3, 4], [4, 1]],
-        }
-    ]
+    return [dict(KITE_CATEGORY)]
+
 
 def _draw_image(
     rng: random.Random,

@@ -177,7 +177,8 @@ DETECTION_DEFAULTS: dict[str, Any] = {
         },
     },
     "data": {
-        # "shapes": the generated built-in set under data.root; "coco": the four paths below.
+        # "shapes" or "context" (the class is decided by a distant cue): a generated built-in set under
+        # data.root, sized by the shapes_* keys; "coco": the four paths below.
         "format": "shapes",
         "root": "~/.cache/nlnet/detection-shapes",
         # "instances" (boxes + masks) or "keypoints"; must suit the model.
@@ -207,6 +208,8 @@ DETECTION_DEFAULTS: dict[str, Any] = {
         # ... and is multiplied by gamma at each of these iterations.
         "decay_steps": [180, 230],
         "gamma": 0.1,
+        # Clip the gradient's global L2 norm to this before each step (null: no clipping).
+        "clip_grad_norm": None,
         "checkpoint_period": 100,
         "keep_checkpoints": 2,
         "log_period": 10,
@@ -475,8 +478,8 @@ def validate_detection_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"model {cfg.model.name!r} needs data.task={'instances' if kind == 'mask' else 'keypoints'}"
         )
-    if cfg.data.format not in ("shapes", "coco"):
-        raise ValueError(f"data.format must be 'shapes' or 'coco', got {cfg.data.format!r}")
+    if cfg.data.format not in ("shapes", "context", "coco"):
+        raise ValueError(f"data.format must be 'shapes', 'context' or 'coco', got {cfg.data.format!r}")
     if cfg.data.format == "coco":
         for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
             if cfg.data[key] is None:
@@ -490,6 +493,9 @@ def validate_detection_config(cfg: DictConfig) -> None:
             f"train.warmup_iters must be >= 0 and warmup_factor in (0, 1], got {train_cfg.warmup_iters} and "
             f"{train_cfg.warmup_factor}"
         )
+    clip = train_cfg.clip_grad_norm
+    if clip is not None and not float(clip) > 0.0:
+        raise ValueError(f"train.clip_grad_norm must be > 0 or null, got {clip}")
     steps = list(train_cfg.decay_steps)
     if any(b <= a for a, b in zip(steps, steps[1:], strict=False)) or any(s < 1 for s in steps):
         raise ValueError(f"train.decay_steps must be positive and increasing, got {steps}")

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nlnet.data.coco import CocoDetection, collate_detection, make_shapes_coco
+from nlnet.data.context_coco import make_context_coco
 from nlnet.engine import checkpoint as ckpt
 from nlnet.engine import config
 from nlnet.engine.build import build_model, read_detector_state_dict
@@ -66,15 +67,16 @@ def load_config(path: str | Path | Mapping[str, Any] | None, overrides: Sequence
 
 
 def build_datasets(data_cfg: DictConfig) -> tuple[CocoDetection, CocoDetection]:
-    """(train, val) sets of a recipe; the built-in shapes are generated on first use."""
+    """(train, val) sets of a recipe; the built-in sets (shapes, context) are generated on first use."""
     task = data_cfg.task
-    if data_cfg.format == "shapes":
+    if data_cfg.format in ("shapes", "context"):
+        make = make_shapes_coco if data_cfg.format == "shapes" else make_context_coco
         size = tuple(int(s) for s in data_cfg.shapes_image_size)
         root = Path(data_cfg.root).expanduser()
-        train_dir, train_ann = make_shapes_coco(
+        train_dir, train_ann = make(
             root, "train", num_images=int(data_cfg.shapes_train_images), task=task, seed=1, image_size=size
         )
-        val_dir, val_ann = make_shapes_coco(
+        val_dir, val_ann = make(
             root, "val", num_images=int(data_cfg.shapes_val_images), task=task, seed=2, image_size=size
         )
     else:
@@ -349,6 +351,8 @@ class _Run:
                 raise FloatingPointError(f"loss is not finite at iteration {self.iteration}: {values}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.cfg.train.clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.train.clip_grad_norm))
             self.optimizer.step()
             for key, value in losses.items():
                 self.window.setdefault(key, []).append(float(value.detach()))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_detector import SMALL_PROPOSALS
 from torch import nn
 
 from nlnet.cli import main
@@ -187,13 +188,7 @@ def _smallest(tmp_path, run: str, max_iter: int) -> list[str]:
     # `_tiny` (64-pixel images, the shapes set's smallest) with a few dozen proposals and RoI samples.
     return [
         *_tiny(tmp_path, run, max_iter),
-        "model.overrides.rpn_pre_nms_top_n_train=60",
-        "model.overrides.rpn_post_nms_top_n_train=30",
-        "model.overrides.rpn_pre_nms_top_n_test=30",
-        "model.overrides.rpn_post_nms_top_n_test=10",
-        "model.overrides.rpn_batch_size_per_image=32",
-        "model.overrides.box_batch_size_per_image=16",
-        "model.overrides.box_detections_per_img=5",
+        *SMALL_PROPOSALS,
     ]
 
 

@@ -1,0 +1,180 @@
+"""A generated COCO-format detection set in which an object's label is decided far away from the object.
+
+Every image has a *cue*: a saturated colour bar across its top ``CUE_ROWS`` rows. Below it, at least
+``CUE_GAP`` pixels further down, lie 1..``max_objects`` grey shapes on a grey noisy background. Nothing about
+an object or its surroundings depends on the cue:
+
+- instances (Mask R-CNN): every object of the image belongs to the category named after the cue's colour
+  (``red``, ``green``, ``blue``); the shape (square, triangle, circle), its grey level, size and place are
+  drawn independently of it, so a crop around an object is equally likely under every label;
+- keypoints (Keypoint R-CNN): kites with dark dots on their four corners, as in the shapes set, but which
+  corner is which depends on the cue: under a red bar the keypoints ``top, left, bottom, right`` are the
+  top, left, bottom and right corners; under a blue bar the kite reads upside down (``top`` is the bottom
+  corner, ``left`` the right one, ...). A half turn commutes with a horizontal flip, so the flip augmentation
+  stays valid (left and right swap names under either cue).
+
+A detector that classifies an RoI from the RoI's own features has to guess (1/3 for instances, 1/2 per kite);
+a non-local block at res4, where every position can read every other, can look the colour up.
+
+Each image is drawn from its own streams, ``random.Random(f"{seed}/{index}/scene")`` for everything below the
+bar and ``.../cue`` for the cue, so the same scene can be drawn under another cue (:func:`draw_context_image`)
+and nothing but the bar changes: the local evidence cannot decide the label (tested).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from nlnet.data.coco import (
+    _SHAPES,
+    KITE_CATEGORY,
+    TASKS,
+    _annotation,
+    _kite_polygon,
+    _shape_polygon,
+    generator_params,
+    is_current,
+    write_set,
+)
+
+__all__ = ["CUE_COLOURS", "CUE_GAP", "CUE_ROWS", "cue_of_pixels", "draw_context_image", "make_context_coco"]
+
+CUE_ROWS = 12
+CUE_GAP = 40
+# RGB of each cue; instances use all three (category i + 1 is CUE_NAMES[i]), keypoints the first and last
+CUE_NAMES = ("red", "green", "blue")
+CUE_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (50, 80, 230)}
+KEYPOINT_CUES = {"red": 0, "blue": 2}  # cue -> quarter turns from geometric corner to keypoint name
+_GENERATOR_VERSION = 1
+
+
+def cue_of_pixels(image: np.ndarray) -> str:
+    """The cue's colour name read back from an (H, W, 3) uint8 image: the nearest cue to the bar's mean RGB."""
+    mean = image[:CUE_ROWS].reshape(-1, 3).astype(np.float64).mean(axis=0)
+    return min(CUE_NAMES, key=lambda name: float(np.sum((mean - np.array(CUE_COLOURS[name])) ** 2)))
+
+
+def draw_context_image(
+    scene_seed: str, cue: str, task: str, width: int, height: int, max_objects: int
+) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """One image of the context set and its objects, drawn from ``scene_seed`` under the cue ``cue``.
+
+    Args:
+        scene_seed: seed of everything below the bar (the objects, the background).
+        cue: a key of :data:`CUE_COLOURS` (for keypoints, of :data:`KEYPOINT_CUES`).
+        task: "instances" or "keypoints".
+        width, height: image size in pixels.
+        max_objects: most objects.
+
+    Returns:
+        ``(image, objects)``; each object is {"category_id", "polygon" [(x, y), ...], "keypoints" [(x, y)] in
+        name order, or None}.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    allowed = KEYPOINT_CUES if task == "keypoints" else CUE_COLOURS
+    if cue not in allowed:
+        raise ValueError(f"cue must be one of {sorted(allowed)} for task {task!r}, got {cue!r}")
+    rng = random.Random(scene_seed)
+    grey = rng.randint(10, 60)
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(0.0, 10.0, size=(height, width, 1))
+    pixels = np.clip(grey + noise, 0, 255).astype(np.uint8).repeat(3, axis=2)  # grey: no hue below the bar
+    pixels[:CUE_ROWS] = CUE_COLOURS[cue]
+    canvas = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(canvas)
+    top = CUE_ROWS + CUE_GAP
+    placed: list[tuple[float, float, float]] = []
+    objects = []
+    for _ in range(rng.randint(1, max_objects)):
+        spot = _free_spot_below(rng, width, height, top, placed)
+        if spot is None:
+            break
+        placed.append(spot)
+        level = rng.randint(120, 255)
+        if task == "instances":
+            polygon = _shape_polygon(rng, rng.choice(_SHAPES), *spot)
+            category_id, keypoints = CUE_NAMES.index(cue) + 1, None
+        else:
+            polygon = _kite_polygon(rng, *spot)  # corners top, left, bottom, right
+            turn = KEYPOINT_CUES[cue]
+            category_id, keypoints = 1, [polygon[(j + turn) % 4] for j in range(4)]
+        draw.polygon(polygon, fill=(level, level, level))
+        if keypoints is not None:
+            for x, y in polygon:
+                draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=(20, 20, 20))
+        objects.append({"category_id": category_id, "polygon": polygon, "keypoints": keypoints})
+    return canvas, objects
+
+
+def make_context_coco(
+    root: str | Path,
+    split: str,
+    *,
+    num_images: int,
+    task: str = "instances",
+    seed: int = 0,
+    image_size: tuple[int, int] = (128, 160),
+    max_objects: int = 3,
+) -> tuple[Path, Path]:
+    """Write (or reuse) the context set: ``root/context_<task>_<split>/`` and ``root/context_<task>_<split>.json``.
+
+    Args:
+        root: output folder.
+        split: a name such as "train" or "val" (use different seeds for different splits).
+        num_images: how many images.
+        task: "instances" or "keypoints".
+        seed: random seed.
+        image_size: (smallest, largest) side in pixels, width and height drawn independently; the smallest
+            must leave room below the bar and the gap (>= 112).
+        max_objects: most annotated objects per image.
+
+    Returns:
+        ``(image_dir, annotation_file)``. The same arguments always give the same files.
+    """
+    params = generator_params(_GENERATOR_VERSION, split, num_images, task, seed, image_size, max_objects, 112)
+    low, high = params["image_size"]
+    root = Path(root)
+    image_dir = root / f"context_{task}_{split}"
+    annotation_file = root / f"context_{task}_{split}.json"
+    if is_current(annotation_file, params):
+        return image_dir, annotation_file
+    image_dir.mkdir(parents=True, exist_ok=True)
+    cues = sorted(KEYPOINT_CUES, key=CUE_NAMES.index) if task == "keypoints" else list(CUE_NAMES)
+    images, annotations = [], []
+    for index in range(num_images):
+        size_rng = random.Random(f"{seed}/{index}/size")
+        width, height = size_rng.randint(low, high), size_rng.randint(low, high)
+        cue = random.Random(f"{seed}/{index}/cue").choice(cues)
+        canvas, objects = draw_context_image(f"{seed}/{index}/scene", cue, task, width, height, max_objects)
+        file_name = f"{index:06d}.png"
+        canvas.save(image_dir / file_name)
+        images.append({"id": index + 1, "file_name": file_name, "width": width, "height": height, "cue": cue})
+        for obj in objects:
+            annotations.append(
+                _annotation(len(annotations) + 1, index + 1, obj["category_id"], obj["polygon"], obj["keypoints"])
+            )
+    categories = (
+        [dict(KITE_CATEGORY)]
+        if task == "keypoints"
+        else [{"id": i + 1, "name": name, "supercategory": "cue"} for i, name in enumerate(CUE_NAMES)]
+    )
+    write_set(annotation_file, "nlnet built-in context set", params, images, annotations, categories)
+    return image_dir, annotation_file
+
+
+def _free_spot_below(
+    rng: random.Random, width: int, height: int, top: int, placed: list[tuple[float, float, float]]
+) -> tuple[float, float, float] | None:
+    """Centre and radius of a disc below row ``top`` that overlaps no placed disc (None after 50 tries)."""
+    for _ in range(50):
+        radius = rng.uniform(10.0, min(18.0, (height - top) / 2.5))
+        cx = rng.uniform(radius + 2, width - radius - 2)
+        cy = rng.uniform(top + radius, height - radius - 2)
+        if all(((cx - x) ** 2 + (cy - y) ** 2) ** 0.5 > radius + r + 3 for x, y, r in placed):
+            return cx, cy, radius
+    return None

@@ -1,0 +1,91 @@
+"""``nlnet detect demo``: both detectors train and are scored on the context set end to end; the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_detector import SMALL_PROPOSALS
+
+from nlnet.cli import main
+from nlnet.data.context_coco import CUE_NAMES
+from nlnet.experiments.detect_demo import detections_figure, format_detect_demo
+
+
+def _tiny(tmp_path) -> list[str]:
+    return [
+        f"data.root={tmp_path / 'data'}",
+        "data.shapes_train_images=4",
+        "data.shapes_val_images=2",
+        "data.shapes_image_size=[112,120]",
+        "model.overrides.min_size=112",
+        "model.overrides.max_size=120",
+        *SMALL_PROPOSALS,
+        "train.max_iter=1",
+        "train.warmup_iters=1",
+        "train.decay_steps=[2]",
+        "train.checkpoint_period=1",
+        "train.log_period=1",
+        "test.batch_size=2",
+    ]
+
+
+@pytest.mark.parametrize("task, second, blocks", [("instances", "segm", 1), ("keypoints", "keypoints", 5)])
+def test_demo_trains_and_scores_both_variants(tmp_path, capsys, task: str, second: str, blocks: int) -> None:
+    torch.set_num_threads(1)
+    out = tmp_path / "demo"
+    assert main(["detect", "demo", "--task", task, "--seeds", "1", "--out-dir", str(out), *_tiny(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    label = "mask AP" if task == "instances" else "keypoint AP"
+    assert f"| {label} + NL |" in printed and "| mean ± std |" in printed
+    assert (out / f"{task}_results.md").read_text().strip() in printed
+    for variant, expected_blocks in (("nl", blocks), ("base", 0)):
+        run = out / task / f"seed0_{variant}"
+        state = torch.load(run / "checkpoint_00000001.pt", weights_only=True)
+        kernels = [k for k in state["model"] if "nonlocal_after_" in k and k.endswith(".theta.weight")]
+        assert len(kernels) == expected_blocks
+        results = json.loads((run / "results.json").read_text())
+        assert set(results["metrics"]) == {"bbox", second}
+        assert state["config"]["seed"] == 0 and state["config"]["data"]["format"] == "context"
+    # the table's numbers are the runs' COCOeval APs
+    nl = json.loads((out / task / "seed0_nl" / "results.json").read_text())["metrics"]
+    row = next(line for line in printed.splitlines() if line.startswith("| 0 |")).split("|")
+    assert float(row[3]) == pytest.approx(100 * nl["bbox"]["AP"], abs=0.051)
+    assert float(row[6]) == pytest.approx(100 * nl[second]["AP"], abs=0.051)
+    if task == "instances":
+        image = tmp_path / "data" / "context_instances_val" / "000000.png"
+        runs = {"NL": "seed0_nl", "base": "seed0_base"}
+        panels = {name: out / task / run / "checkpoint_00000001.pt" for name, run in runs.items()}
+        drawn = detections_figure(panels, image, tmp_path / "fig.png", min_score=0.0)
+        assert (tmp_path / "fig.png").stat().st_size > 0 and set(drawn) == {"NL", "base"}
+        scores = [score for boxes in drawn.values() for _, score in boxes]
+        assert all(name in CUE_NAMES for boxes in drawn.values() for name, _ in boxes)
+        assert all(0 <= s <= 1 for s in scores)
+
+
+def test_table_has_per_seed_gains_and_mean_and_std() -> None:
+    rows = [
+        {"seed": 0, "variant": "base", "box_ap": 30.0, "second_ap": 20.0, "train_s": 100.0},
+        {"seed": 0, "variant": "nl", "box_ap": 40.0, "second_ap": 26.0, "train_s": 110.0},
+        {"seed": 1, "variant": "base", "box_ap": 34.0, "second_ap": 22.0, "train_s": 101.0},
+        {"seed": 1, "variant": "nl", "box_ap": 40.0, "second_ap": 30.0, "train_s": 111.0},
+    ]
+    table = format_detect_demo("instances", rows).splitlines()
+    assert table[2] == "| 0 | 30.0 | 40.0 | +10.0 | 20.0 | 26.0 | +6.0 | 100 / 110 |"
+    # gains 10 and 6: mean 8, sample std sqrt(8) = 2.83
+    assert table[-1] == "| mean ± std | 32.0 ± 2.8 | 40.0 ± 0.0 | 8.0 ± 2.8 | 21.0 ± 1.4 | 28.0 ± 2.8 | 7.0 ± 1.4 | |"
+    with pytest.raises(ValueError, match="needs one 'nl' and one 'base'"):
+        format_detect_demo("keypoints", rows[:3])
+
+
+def test_context_recipes_load_and_clip_must_be_positive() -> None:
+    from nlnet.engine import detection
+
+    for recipe in ("detection/context_maskrcnn_r50", "detection/context_keypointrcnn_r50"):
+        cfg = detection.load_config(recipe)
+        assert cfg.data.format == "context" and cfg.train.clip_grad_norm == 5.0
+    with pytest.raises(ValueError, match="clip_grad_norm must be > 0"):
+        detection.load_config("detection/context_maskrcnn_r50", ["train.clip_grad_norm=0"])
+    with pytest.raises(ValueError, match="'shapes', 'context' or 'coco'"):
+        detection.load_config(None, ["data.format=voc"])
