@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, get_worker_info
 
 from nlnet.data.annotations import ANNOTATION_FORMATS, VideoRecord, class_names_in, read_annotations
 from nlnet.data.transforms import KINETICS_MEAN, KINETICS_STD, EvalViews, TrainAugment, normalize_clips
@@ -228,18 +228,21 @@ class VideoClipDataset(Dataset):
         """``{"clip": ...}``, or the decoded frames with ``window`` or ``frame_size`` (``augment_on="device"``)."""
         frames_per_clip, rate = self.num_frames, self.sampling_rate
         on_device = self.augment_on == "device"
+        # One decoding thread in a loader worker (there is a worker per core), FFmpeg's choice in the main process.
+        threads = 1 if get_worker_info() is not None else 0
         if self.mode == "train":
             temporal_seed, spatial_seed = np.random.SeedSequence((self.seed, self.epoch, index)).spawn(2)
             frames, _ = decode_frames(
                 path,
                 lambda n: train_clip_indices(n, frames_per_clip, rate, np.random.default_rng(temporal_seed)),
+                threads=threads,
             )
             frames, spatial_rng = torch.from_numpy(frames), np.random.default_rng(spatial_seed)
             if on_device:
                 return {"clip": frames, "window": self.train_transform.draw(*frames.shape[1:3], spatial_rng)}
             return {"clip": self.train_transform(frames, spatial_rng)}
         if self.mode == "center":
-            frames, _ = decode_frames(path, lambda n: center_clip_indices(n, frames_per_clip, rate))
+            frames, _ = decode_frames(path, lambda n: center_clip_indices(n, frames_per_clip, rate), threads=threads)
             frames = torch.from_numpy(frames)
             if on_device:
                 return {"clip": frames, "frame_size": torch.tensor(frames.shape[1:3])}
@@ -250,6 +253,7 @@ class VideoClipDataset(Dataset):
             lambda n: np.concatenate(
                 [eval_clip_indices(n, frames_per_clip, rate, k, num_clips) for k in range(num_clips)]
             ),
+            threads=threads,
         )
         frames = torch.from_numpy(frames)
         if on_device:

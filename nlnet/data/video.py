@@ -111,7 +111,11 @@ def eval_clip_indices(
 
 
 def decode_frames(
-    path: str | Path, choose_indices: Callable[[int], np.ndarray | Sequence[int]], *, seek: bool = True
+    path: str | Path,
+    choose_indices: Callable[[int], np.ndarray | Sequence[int]],
+    *,
+    seek: bool = True,
+    threads: int = 0,
 ) -> tuple[np.ndarray, int]:
     """Decode the frames of a video that ``choose_indices`` asks for, given the video's length.
 
@@ -126,6 +130,8 @@ def decode_frames(
             function of ``n`` (draw random numbers from an RNG seeded per item, not from shared state).
         seek: start decoding at the key frame before each run of wanted frames when the file allows it (see the
             module docstring); False always decodes from the start. The frames are the same either way.
+        threads: decoding threads; 0 lets FFmpeg choose (one per core). Loader workers, one per core, are
+            faster with 1 (the threads of several workers would compete for the same cores).
 
     Returns:
         ``(frames, n)``: uint8 RGB array of shape (len(indices), H, W, 3) in the order of the indices, and the
@@ -141,7 +147,7 @@ def decode_frames(
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoDecodeError(f"no video stream in {path}")
-            stream = container.streams.video[0]
+            stream = _video_stream(container, threads)
             header_frames = stream.frames
             if header_frames > 0:
                 indices = _as_indices(choose_indices(header_frames), header_frames)
@@ -153,7 +159,7 @@ def decode_frames(
                     frames, decoded = _decode_selected(container.decode(stream), indices)
                 else:  # the seeks moved the demuxer: decode from a fresh start
                     with av.open(str(path)) as fresh:
-                        frames, decoded = _decode_selected(fresh.decode(fresh.streams.video[0]), indices)
+                        frames, decoded = _decode_selected(fresh.decode(_video_stream(fresh, threads)), indices)
                 if frames is not None:
                     return frames, header_frames
                 if decoded == 0:
@@ -166,7 +172,7 @@ def decode_frames(
                 )
             # Length unknown, or shorter than the header says: decode the whole video once, then choose.
         with av.open(str(path)) as container:
-            all_frames = list(container.decode(container.streams.video[0]))
+            all_frames = list(container.decode(_video_stream(container, threads)))
     except (av.error.FFmpegError, OSError) as error:
         raise VideoDecodeError(f"cannot decode {path}: {error}") from error
     if not all_frames:
@@ -174,6 +180,13 @@ def decode_frames(
     video_frames = len(all_frames)
     indices = _as_indices(choose_indices(video_frames), video_frames)
     return np.stack([all_frames[i].to_ndarray(format="rgb24") for i in indices]), video_frames
+
+
+def _video_stream(container, threads: int):
+    stream = container.streams.video[0]
+    if threads > 0:
+        stream.codec_context.thread_count = threads
+    return stream
 
 
 @dataclass(frozen=True)

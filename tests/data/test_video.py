@@ -261,6 +261,8 @@ def test_prepared_file_and_bigbuckbunny_seek_exactly(tmp_path, bigbuckbunny, cap
             for indices in clips_of_every_start(len(reference), 8, 8)[::4] + [np.array([120, 40, 41, 100])]:
                 frames, _ = decode_frames(path, lambda n, indices=indices: indices)
                 assert np.array_equal(frames, reference[indices])
+                one_thread, _ = decode_frames(path, lambda n, indices=indices: indices, threads=1)
+                assert np.array_equal(one_thread, frames)
         used, fell_back = seek_log(caplog)
         assert fell_back == []
         if path.name == "bbb.mp4" and path.parent.name == "dst":
