@@ -24,7 +24,7 @@ def smooth_frames(frames: int, height: int, width: int, seed: int) -> torch.Tens
     return fine.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def test_crop_before_resize_matches_resize_then_crop_up_to_interpolation(one_thread_here):
+def test_crop_before_resize_matches_resize_then_crop_up_to_interpolation():
     # Today's order (resize the whole frame to the drawn scale, then crop) against cutting the window first:
     # the same draws, so the same region of the picture, within interpolation differences.
     frames = smooth_frames(4, 120, 160, seed=0)
@@ -84,14 +84,6 @@ def test_augment_on_is_checked(tmp_path, make_video):
     common = dict(num_classes=1, num_frames=2, sampling_rate=2, jitter_scales=(32, 36), train_crop=32)
     with pytest.raises(ValueError, match=r"augment_on must be one of \('worker', 'device'\), got 'gpu'"):
         VideoClipDataset(records, augment_on="gpu", **common)
-
-
-@pytest.fixture
-def one_thread_here():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("mode", ["test", "center"])
