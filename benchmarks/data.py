@@ -7,8 +7,9 @@ a key frame every k frames (``--keyint``, 4 and 16 by default).
 
 Per core, one process on one thread, every pipeline on the same clip draws, interleaved clip by clip:
 
-- today: the original files decoded from frame 0, whole frames resized to the drawn scale, then cropped
-  (``today_train``; the 30-view test through ``EvalViews``);
+- today: main's worker side before this change, on the original files: decoded from frame 0 with a
+  conversion to RGB set up per frame, whole frames resized to the drawn scale, then cropped (``today_train``;
+  the 30-view test through ``EvalViews``);
 - nlnet with worker augmentation: prepared files, seek decoding, crop-before-resize ``TrainAugment``;
 - nlnet with device augmentation: prepared files, seek decoding and the draws only (what a worker does with
   ``data.augment_on: device``; the cutting then runs on the training device);
@@ -117,11 +118,29 @@ def loader_rate(dataset: VideoClipDataset, workers: int, batch_size: int) -> flo
 # ------------------------------------------------------------------------------------- per-core pipelines
 
 
+def today_decode(path: Path, indices: np.ndarray) -> np.ndarray:
+    """Main's decoder before seeking: decode from frame 0 up to the last wanted frame, ``to_ndarray`` per frame.
+
+    One decoding thread, like the new decoder in a worker (FFmpeg's default of one per core is slower on a loaded
+    core), so the comparison is of the decoding itself.
+    """
+    wanted, last, rgb = set(indices.tolist()), int(indices.max()), {}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                rgb[index] = frame.to_ndarray(format="rgb24")
+            if index == last:
+                break
+    return np.stack([rgb[i] for i in indices.tolist()])
+
+
 def today_train(path: Path, num_frames: int, rate: int, seed: int) -> torch.Tensor:
-    """The worker side before seeking and crop-before-resize: decode from frame 0, resize whole frames, crop."""
-    frames, _ = decode_frames(
-        path, lambda n: train_clip_indices(n, num_frames, rate, np.random.default_rng(seed)), seek=False, threads=1
-    )
+    """Main's worker side: decode from frame 0, resize whole frames to the drawn scale, then crop and flip."""
+    with av.open(str(path)) as container:
+        length = container.streams.video[0].frames
+    frames = today_decode(path, train_clip_indices(length, num_frames, rate, np.random.default_rng(seed)))
     rng = np.random.default_rng(seed + 1)
     scale = int(rng.integers(256, 321))
     clip = resize_short_side(torch.from_numpy(frames), scale)
@@ -131,6 +150,12 @@ def today_train(path: Path, num_frames: int, rate: int, seed: int) -> torch.Tens
     if rng.random() < 0.5:
         clip = clip.flip(2)
     return clip.movedim(-1, 0).contiguous()  # uint8 (3, T, 224, 224), normalised on the device
+
+
+def today_test(path: Path) -> torch.Tensor:
+    with av.open(str(path)) as container:
+        length = container.streams.video[0].frames
+    return EVAL_VIEWS(torch.from_numpy(today_decode(path, view_indices(8, 8)(length))), 10)
 
 
 def nlnet_train(path: Path, num_frames: int, rate: int, seed: int, *, on_device: bool) -> torch.Tensor:
@@ -166,8 +191,8 @@ def view_indices(num_frames: int, rate: int) -> Callable[[int], np.ndarray]:
     return lambda n: np.concatenate([eval_clip_indices(n, num_frames, rate, k, 10) for k in range(10)])
 
 
-def nlnet_test(path: Path, *, seek: bool, on_device: bool) -> torch.Tensor:
-    frames, _ = decode_frames(path, view_indices(8, 8), seek=seek, threads=1)
+def nlnet_test(path: Path, *, on_device: bool) -> torch.Tensor:
+    frames, _ = decode_frames(path, view_indices(8, 8), threads=1)
     return torch.from_numpy(frames) if on_device else EVAL_VIEWS(torch.from_numpy(frames), 10)
 
 
@@ -208,9 +233,9 @@ def pipeline_table(original: list[Path], prepared: list[Path], keyint: int, repe
         f"{new}, device augmentation (worker side)": (prepared, lambda *a: nlnet_train(*a, on_device=True)),
     }
     test: dict[str, tuple[list[Path], Callable[[Path], object]]] = {
-        "today, original files": (original, lambda p: nlnet_test(p, seek=False, on_device=False)),
-        f"{new}, worker augmentation": (prepared, lambda p: nlnet_test(p, seek=True, on_device=False)),
-        f"{new}, device augmentation (worker side)": (prepared, lambda p: nlnet_test(p, seek=True, on_device=True)),
+        "today, original files": (original, today_test),
+        f"{new}, worker augmentation": (prepared, lambda p: nlnet_test(p, on_device=False)),
+        f"{new}, device augmentation (worker side)": (prepared, lambda p: nlnet_test(p, on_device=True)),
     }
     if have_decord:
         train[f"decord2 + torchvision, prepared k={keyint}"] = (prepared, decord_train)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,8 @@ def decode_frames(
         raise VideoDecodeError(f"no frame could be decoded from {path}")
     video_frames = len(all_frames)
     indices = _as_indices(choose_indices(video_frames), video_frames)
-    return np.stack([all_frames[i].to_ndarray(format="rgb24") for i in indices]), video_frames
+    to_rgb = _RGBConverter()
+    return np.stack([to_rgb(all_frames[i]) for i in indices]), video_frames
 
 
 def _video_stream(container, threads: int):
@@ -231,6 +233,7 @@ def _decode_seeking(container, stream, indices: np.ndarray, keys: _KeyFrames) ->
     """The wanted frames, runs far apart each decoded from its key frame; None to decode from the start."""
     wanted = np.unique(indices)
     rgb: dict[int, np.ndarray] = {}
+    to_rgb = _RGBConverter()
     decoded = seeks = 0
     try:
         position = 0
@@ -240,7 +243,7 @@ def _decode_seeking(container, stream, indices: np.ndarray, keys: _KeyFrames) ->
             for frame_index, frame in _frames_from_key(container, stream, keys, key):
                 decoded += 1
                 if frame_index == wanted[position]:
-                    rgb[frame_index] = frame.to_ndarray(format="rgb24")
+                    rgb[frame_index] = to_rgb(frame)
                     position += 1
                     if position == len(wanted):
                         break
@@ -286,19 +289,34 @@ def _frames_from_key(container, stream, keys: _KeyFrames, key: int) -> Iterator[
             yield expected - 1, frame
 
 
+class _RGBConverter:
+    """Frames to uint8 RGB arrays through one swscale context for the whole clip.
+
+    ``VideoFrame.to_ndarray(format="rgb24")`` sets up a conversion context for every frame, which here costs
+    more than the conversion (2.5x the time per frame); the pixels are the same.
+    """
+
+    def __init__(self) -> None:
+        self.reformatter = VideoReformatter()
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        return self.reformatter.reformat(frame, format="rgb24").to_ndarray()
+
+
 def _decode_selected(frame_iter, indices: np.ndarray) -> tuple[np.ndarray | None, int]:
     """Walk the decoded frames up to max(indices), converting only the wanted ones to RGB.
 
     Returns ``(frames, decoded)``; ``frames`` is None when the stream ended before the last wanted index.
     """
     wanted = set(indices.tolist())
+    to_rgb = _RGBConverter()
     last = int(indices.max())
     rgb: dict[int, np.ndarray] = {}
     decoded = 0
     for frame_index, frame in enumerate(frame_iter):
         decoded = frame_index + 1
         if frame_index in wanted:
-            rgb[frame_index] = frame.to_ndarray(format="rgb24")
+            rgb[frame_index] = to_rgb(frame)
         if frame_index == last:
             return np.stack([rgb[i] for i in indices.tolist()]), decoded
     return None, decoded
