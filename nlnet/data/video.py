@@ -16,13 +16,14 @@ the frame rate). Only the sampled frames are converted to RGB, and decoding stop
 
 Seeking: a Kinetics download has one key frame per 250 frames (FFmpeg's default GOP), so a seek would land on
 frame 0 anyway; files re-encoded with ``nlnet data prepare`` have one every 16, and there decoding starts at the
-key frame at or before each run of wanted frames instead of at frame 0. The packet headers (read without
-decoding) give every frame's timestamp and so its index, and a key frame is used only when it starts a closed
-group: every packet before it in decode order shows earlier, and every packet from it on shows later. Decoding
-from such a key frame yields the very frames a decode from the start yields there. Whenever the file cannot
-guarantee that (no frame count, packets without timestamps or with repeated ones, discarded packets, a packet
-count other than the header's, a seek that lands elsewhere, a frame whose timestamp is not the next one
-expected), the clip is decoded from the start as without seeking.
+key frame at or before the first wanted frame (and again before a later wanted frame when that skips more than
+8 frames) instead of at frame 0. The demuxer's index, read with the header, gives each key frame's decode
+position ``d``; when the key frame starts a closed group (the packets decoded before it show before it, as
+encoders write them, and those decoded after it show after it) it is frame ``d``, and decoding from it yields
+the very frames a decode from the start yields there. The second condition and the frame order are checked
+packet by packet. Whenever the file cannot guarantee the same frames (no frame count, an index that does not
+list every frame or marks one discarded, a seek that lands elsewhere, an open group's leading pictures, a
+frame out of presentation order, a stream that ends early), the clip is decoded from the start instead.
 """
 
 from __future__ import annotations
