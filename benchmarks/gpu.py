@@ -11,8 +11,9 @@ Sections (``--sections``, all by default), each with its own time budget so that
 * ``model``: nl_i3d_r50 training steps per second (forward, loss, backward, SGD step; bf16 autocast) on
   synthetic clips at 8×8 and 32×2, eager and ``torch.compile``d (the first compiled steps, which compile, are
   warm-up).
-* ``loader``: clips/s of the current loader (PyAV decoding and CPU augmentation; nlnet has no prepared-file
-  format and no on-device augmentation yet) on generated H.264 mp4s, alone and feeding 8×8 training steps.
+* ``loader``: clips/s of the loader on generated H.264 mp4s re-encoded by ``nlnet data prepare`` (a key frame
+  every 16 frames, so clips are decoded from the key frame before them), with the augmentation in the workers
+  and on the device (``data.augment_on``), alone and feeding 8×8 training steps.
 * ``ddp``: clips/s of DDP over every visible GPU (NCCL, one spawned process per GPU) against one GPU; skipped
   with a note on a one-GPU machine. On CPU (``--device cpu``) two gloo processes run it as a smoke test.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -304,27 +306,32 @@ def _write_videos(folder: Path, options: Options) -> Path:
 
 def run_loader(section: Section, options: Options) -> None:
     from nlnet.data import build_dataset, build_loader
-    from nlnet.data.transforms import normalize_clips
+    from nlnet.data.prepare import PREPARED_LIST, prepare_videos
 
-    section.notes.append("nlnet has no prepared-file format or on-device augmentation yet: this is the PyAV "
-                         "loader with CPU augmentation, on generated mp4s")
     batch = _batch(options)
     workers = 0 if options.quick else min(8, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
-        train_list = _write_videos(Path(tmp), options)
-        crop, scales = (32, [32, 40]) if options.quick else (224, [256, 320])
-        dataset = build_dataset({"format": "path_csv", "root": tmp, "train_list": str(train_list),
-                                 "num_classes": 3, "num_frames": 8, "sampling_rate": 8,
-                                 "train_jitter_scales": scales, "train_crop": crop}, "train", normalized=False)
-        loader = build_loader(dataset, batch, shuffle=True, num_workers=workers, drop_last=True,
-                              pin_memory=options.device.type == "cuda")
+        (Path(tmp) / "source").mkdir()
+        _write_videos(Path(tmp) / "source", options)
+        short_side = 40 if options.quick else 256
+        prepare_videos(Path(tmp) / "source" / "train.csv", Path(tmp) / "prepared", short_side=short_side,
+                       keyframe_interval=16, workers=max(1, workers), progress=False)
+        crop, scales = (32, [40, 48]) if options.quick else (224, [256, 320])
         steps = 2 if options.quick else 30
         model, _, _ = _model_and_clip("8x8", options, batch)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        for feeds_training in (False, True):
+        for augment_on, feeds_training in itertools.product(("worker", "device"), (False, True)):
             if section.expired():
-                section.rows.append({"feeds_training": feeds_training, "status": "skipped: section budget spent"})
+                section.rows.append({"augment_on": augment_on, "feeds_training": feeds_training,
+                                     "status": "skipped: section budget spent"})
                 continue
+            root = Path(tmp) / "prepared"
+            dataset = build_dataset({"format": "path_csv", "root": str(root), "train_list": str(root / PREPARED_LIST),
+                                     "num_classes": 3, "num_frames": 8, "sampling_rate": 8,
+                                     "train_jitter_scales": scales, "train_crop": crop}, "train", normalized=False,
+                                    augment_on=augment_on)
+            loader = build_loader(dataset, batch, shuffle=True, num_workers=workers, drop_last=True,
+                                  pin_memory=options.device.type == "cuda")
             seen, epoch, began = 0, 0, None
             while seen < steps * batch:
                 dataset.set_epoch(epoch)
@@ -333,16 +340,17 @@ def run_loader(section: Section, options: Options) -> None:
                         began = time.perf_counter()
                         continue
                     if feeds_training:
-                        clips = normalize_clips(loaded["clip"].to(options.device, non_blocking=True),
-                                                dataset.mean, dataset.std)
+                        clips = dataset.model_input(loaded, options.device)
                         _train_step(model, optimizer, clips, loaded["label"].to(options.device), options.device)
                     seen += len(loaded["index"])
                     if seen >= steps * batch:
                         break
                 epoch += 1
             _synchronize(options.device)
-            section.rows.append({"feeds_training": feeds_training, "status": "ok", "workers": workers,
-                                 "clips": seen, "clips_per_s": seen / (time.perf_counter() - began)})
+            section.rows.append({"augment_on": augment_on, "feeds_training": feeds_training, "status": "ok",
+                                 "workers": workers, "clips": seen,
+                                 "clips_per_s": seen / (time.perf_counter() - began)})
+            del loader
 
 
 # --------------------------------------------------------------------------------------------- ddp
@@ -440,9 +448,10 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_cell(row.get('first_step_s'))} | {_cell(row.get('step_ms'))} | "
                          f"{_cell(row.get('clips_per_s')) if row['status'] == 'ok' else row['status']} |")
     if "loader" in sections:
-        lines += ["", "### Loader (8×8 clips)", "", "| feeds training | workers | clips/s |", "|---|---|---|"]
+        lines += ["", "### Loader (8×8 clips, prepared files)", "",
+                  "| augmentation on | feeds training | workers | clips/s |", "|---|---|---|---|"]
         for row in sections["loader"]["rows"]:
-            lines.append(f"| {row['feeds_training']} | {row.get('workers', '–')} | "
+            lines.append(f"| {row['augment_on']} | {row['feeds_training']} | {row.get('workers', '–')} | "
                          f"{_cell(row.get('clips_per_s')) if row['status'] == 'ok' else row['status']} |")
     if "ddp" in sections:
         lines += ["", "### DDP (8×8 training steps)", "", "| processes | clips/s |", "|---|---|"]

@@ -8,6 +8,11 @@ Randomness: the augmentation of item ``index`` in epoch ``epoch`` is drawn from
 ``np.random.SeedSequence((seed, epoch, index))``, never from global or per-worker state. A clip is therefore
 the same whatever the worker, the batch order, the number of processes or a resume in the middle of an epoch.
 The seed and epoch live in a shared-memory tensor, so ``set_epoch`` reaches persistent DataLoader workers.
+
+Where the spatial transforms run (``augment_on``): ``worker`` cuts, resizes and flips each clip in the loader
+worker; ``device`` has the worker decode (and, in training, draw the clip's augmentation) only, and send the
+decoded frames with the drawn window or their size, which ``VideoClipDataset.to_device`` turns into clips or
+test views on the model's device after the copy. The draws are the same either way, and so are the pixels.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, get_worker_info
 
 from nlnet.data.annotations import ANNOTATION_FORMATS, VideoRecord, class_names_in, read_annotations
-from nlnet.data.transforms import KINETICS_MEAN, KINETICS_STD, EvalViews, TrainAugment
+from nlnet.data.transforms import KINETICS_MEAN, KINETICS_STD, EvalViews, TrainAugment, normalize_clips
 from nlnet.data.video import (
     VideoDecodeError,
     center_clip_indices,
@@ -43,6 +48,7 @@ __all__ = [
 ]
 
 CLIP_MODES = ("train", "center", "test")
+AUGMENT_PLACES = ("worker", "device")
 
 
 # ---------------------------------------------------------------------------------------------------- dataset
@@ -86,6 +92,10 @@ class VideoClipDataset(Dataset):
         class_names: optional names of the classes in index order.
         seed: seed of the augmentation randomness (see the module docstring).
         normalized: float32 normalised clips (True) or uint8 pixels (False).
+        augment_on: ``worker`` or ``device`` (see the module docstring). With ``device`` an item's ``clip`` is
+            the decoded uint8 frames (T, H, W, 3) (all clips' frames in ``test`` mode) with, in ``train`` mode,
+            ``window``, its drawn augmentation (``TrainAugment.draw``), else ``frame_size`` (height, width);
+            ``to_device`` and ``model_input`` turn a batch of them into clips.
     """
 
     def __init__(
@@ -108,9 +118,12 @@ class VideoClipDataset(Dataset):
         class_names: Sequence[str] | None = None,
         seed: int = 0,
         normalized: bool = True,
+        augment_on: str = "worker",
     ) -> None:
         if mode not in CLIP_MODES:
             raise ValueError(f"mode must be one of {CLIP_MODES}, got {mode!r}")
+        if augment_on not in AUGMENT_PLACES:
+            raise ValueError(f"augment_on must be one of {AUGMENT_PLACES}, got {augment_on!r}")
         if num_frames < 1 or sampling_rate < 1:
             raise ValueError(f"num_frames and sampling_rate must be >= 1, got {num_frames} and {sampling_rate}")
         if num_clips < 1:
@@ -135,6 +148,7 @@ class VideoClipDataset(Dataset):
         self.mean = mean
         self.std = std
         self.normalized = bool(normalized)
+        self.augment_on = augment_on
         self.train_transform = TrainAugment(jitter_scales, train_crop, mean=mean, std=std, normalized=normalized)
         self.eval_views = EvalViews(
             test_scale, test_crop, num_crops if mode == "test" else 1, mean=mean, std=std, normalized=normalized
@@ -181,28 +195,70 @@ class VideoClipDataset(Dataset):
         except VideoDecodeError as error:
             logger.warning("skipping video %s: %s", record.path, error)
             return {"skipped": str(record.path), "index": index, "error": str(error)}
-        return {"clip": clip, "label": self._label(record), "index": index}
+        return {**clip, "label": self._label(record), "index": index}
 
-    def _load_clip(self, path: Path, index: int) -> torch.Tensor:
+    def to_device(self, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+        """The clips (or test views) of a batch from ``collate_clips`` on ``device``, as the items would hold
+        them with ``augment_on="worker"``: decoded frames sent with their windows or sizes are cut there.
+
+        Returns:
+            train/center: (B, 3, T, H, W); test: (B, num_views, 3, T, test_crop, test_crop); uint8 unless the
+            dataset is ``normalized``.
+        """
+        clip = batch["clip"].to(device, non_blocking=True)
+        if batch.get("window") is not None:
+            return self.train_transform.apply_batch(clip, batch["window"])
+        if batch.get("frame_size") is not None:
+            views = torch.stack(
+                [
+                    self.eval_views(frames[:, :height, :width], self.num_clips)
+                    for frames, (height, width) in zip(clip, batch["frame_size"].tolist(), strict=True)
+                ]
+            )
+            return views if self.mode == "test" else views[:, 0]
+        return clip
+
+    def model_input(self, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+        """The float32 clips of a batch from ``collate_clips`` on ``device``, ready for the network: those of
+        ``to_device``, normalised there."""
+        clip = self.to_device(batch, device)
+        return clip if clip.dtype != torch.uint8 else normalize_clips(clip, self.mean, self.std)
+
+    def _load_clip(self, path: Path, index: int) -> dict[str, torch.Tensor]:
+        """``{"clip": ...}``, or the decoded frames with ``window`` or ``frame_size`` (``augment_on="device"``)."""
         frames_per_clip, rate = self.num_frames, self.sampling_rate
+        on_device = self.augment_on == "device"
+        # One decoding thread in a loader worker (there is a worker per core), FFmpeg's choice in the main process.
+        threads = 1 if get_worker_info() is not None else 0
         if self.mode == "train":
             temporal_seed, spatial_seed = np.random.SeedSequence((self.seed, self.epoch, index)).spawn(2)
             frames, _ = decode_frames(
                 path,
                 lambda n: train_clip_indices(n, frames_per_clip, rate, np.random.default_rng(temporal_seed)),
+                threads=threads,
             )
-            return self.train_transform(torch.from_numpy(frames), np.random.default_rng(spatial_seed))
+            frames, spatial_rng = torch.from_numpy(frames), np.random.default_rng(spatial_seed)
+            if on_device:
+                return {"clip": frames, "window": self.train_transform.draw(*frames.shape[1:3], spatial_rng)}
+            return {"clip": self.train_transform(frames, spatial_rng)}
         if self.mode == "center":
-            frames, _ = decode_frames(path, lambda n: center_clip_indices(n, frames_per_clip, rate))
-            return self.eval_views(torch.from_numpy(frames))[0]
+            frames, _ = decode_frames(path, lambda n: center_clip_indices(n, frames_per_clip, rate), threads=threads)
+            frames = torch.from_numpy(frames)
+            if on_device:
+                return {"clip": frames, "frame_size": torch.tensor(frames.shape[1:3])}
+            return {"clip": self.eval_views(frames)[0]}
         num_clips = self.num_clips
         frames, _ = decode_frames(
             path,
             lambda n: np.concatenate(
                 [eval_clip_indices(n, frames_per_clip, rate, k, num_clips) for k in range(num_clips)]
             ),
+            threads=threads,
         )
-        return self.eval_views(torch.from_numpy(frames), num_clips)
+        frames = torch.from_numpy(frames)
+        if on_device:
+            return {"clip": frames, "frame_size": torch.tensor(frames.shape[1:3])}
+        return {"clip": self.eval_views(frames, num_clips)}
 
     def _label(self, record: VideoRecord) -> torch.Tensor:
         if self.multi_label:
@@ -212,7 +268,9 @@ class VideoClipDataset(Dataset):
         return torch.tensor(record.labels[0], dtype=torch.int64)
 
 
-def build_dataset(data_cfg: Mapping[str, Any], split: str, *, normalized: bool = True) -> VideoClipDataset:
+def build_dataset(
+    data_cfg: Mapping[str, Any], split: str, *, normalized: bool = True, augment_on: str = "worker"
+) -> VideoClipDataset:
     """Build the dataset of one split from the ``data`` section of a config.
 
     Keys (defaults in brackets): ``format`` (see ``ANNOTATION_FORMATS``), ``root``, ``train_list``,
@@ -227,6 +285,7 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, *, normalized: bool =
         data_cfg: mapping or OmegaConf ``DictConfig`` with the keys above.
         split: ``train``, ``val`` or ``test``.
         normalized: float32 normalised clips, or uint8 pixels (``VideoClipDataset``'s ``normalized``).
+        augment_on: where the training augmentation runs (``VideoClipDataset``'s ``augment_on``).
 
     Returns:
         a ``VideoClipDataset`` in ``train`` mode for ``train``, ``center`` or ``train`` mode for ``val``
@@ -267,6 +326,7 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, *, normalized: bool =
         multi_label=bool(data_cfg.get("multi_label", False)),
         class_names=class_names,
         normalized=normalized,
+        augment_on=augment_on,
     )
 
 
@@ -278,6 +338,7 @@ def dataset_of_records(
     multi_label: bool,
     class_names: Sequence[str] | None = None,
     normalized: bool = True,
+    augment_on: str = "worker",
 ) -> VideoClipDataset:
     """A ``VideoClipDataset`` over ``records`` with the clip and view settings of a config's ``data`` section.
 
@@ -291,6 +352,7 @@ def dataset_of_records(
         multi_label: labels are multi-hot vectors (``VideoClipDataset``'s ``multi_label``).
         class_names: names of the classes in index order, or None.
         normalized: float32 normalised clips, or uint8 pixels.
+        augment_on: where the training augmentation runs.
     """
     return VideoClipDataset(
         records,
@@ -309,6 +371,7 @@ def dataset_of_records(
         std=_number_or_list(data_cfg.get("std", KINETICS_STD)),
         class_names=class_names,
         normalized=normalized,
+        augment_on=augment_on,
     )
 
 
@@ -341,20 +404,42 @@ def collate_clips(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Batch dataset items, dropping the skipped ones.
 
     Args:
-        items: dataset items, each ``{"clip", "label", "index"}`` or ``{"skipped", "index"}``.
+        items: dataset items, each ``{"clip", "label", "index"}`` (with ``"window"`` or ``"frame_size"``
+            when the transforms run on the device) or ``{"skipped", "index"}``.
 
     Returns:
-        ``clip``: stacked clips (B, ...) or None when every item was skipped; ``label``: (B,) int64 or
+        ``clip``: stacked clips (B, ...) or None when every item was skipped (source frames of different sizes
+        are padded); ``window``: (B, 9) drawn augmentations, or None; ``frame_size``: (B, 2) sizes of the
+        decoded frames, or None; ``label``: (B,) int64 or
         (B, num_classes) float32, or None; ``index``: (B,) int64 indices of the kept items; ``skipped``: the
         paths of the skipped videos.
     """
     kept = [item for item in items if "skipped" not in item]
+    extras = {key: [item[key] for item in kept if key in item] for key in ("window", "frame_size")}
+    stack = _stack_padded if any(extras.values()) else torch.stack
     return {
-        "clip": torch.stack([item["clip"] for item in kept]) if kept else None,
+        "clip": stack([item["clip"] for item in kept]) if kept else None,
+        **{key: torch.stack(values) if values else None for key, values in extras.items()},
         "label": torch.stack([item["label"] for item in kept]) if kept else None,
         "index": torch.tensor([int(item["index"]) for item in kept], dtype=torch.int64),
         "skipped": [str(item["skipped"]) for item in items if "skipped" in item],
     }
+
+
+def _stack_padded(frames: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack source clips (T, H, W, 3) of different sizes at the top left of the largest; the rest is zero.
+
+    The windows drawn for a clip lie inside its own frames, and views are cut from ``frame_size``: the padding
+    is never read.
+    """
+    height = max(clip.shape[1] for clip in frames)
+    width = max(clip.shape[2] for clip in frames)
+    if all(clip.shape[1:3] == (height, width) for clip in frames):
+        return torch.stack(list(frames))
+    batch = frames[0].new_zeros((len(frames), frames[0].shape[0], height, width, 3))
+    for slot, clip in zip(batch, frames, strict=True):
+        slot[:, : clip.shape[1], : clip.shape[2]] = clip
+    return batch
 
 
 class _EpochShuffleSampler(Sampler[int]):

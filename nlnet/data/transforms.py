@@ -11,11 +11,19 @@ Official recipe (facebookresearch/video-nonlocal-net, ``customized_video_input_o
 Frames travel as uint8 tensors of shape (T, H, W, 3), as decoded, and leave as float32 clips (3, T, H, W), or
 as uint8 clips (3, T, H, W) when the transform is built with ``normalized=False`` (``normalize_clips`` then
 finishes them on the device).
+
+Training crops are cut before resizing: the random scale and crop position are drawn on the frame resized to
+the drawn shorter side, as in the official code, but only the window of the source frame that lands in the crop
+(rounded outwards to whole source pixels) is resized, in uint8 with one antialiased bilinear interpolation, to
+the size it has at the drawn scale, and the crop is cut from that. The same window can be cut on the training
+device instead (``TrainAugment.draw`` in the loader worker, ``TrainAugment.apply_batch`` after the copy), with
+the same pixels.
 Every size is a parameter, so the same code serves 32x32 toy videos and Kinetics.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,15 +59,19 @@ def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
     """
     _check_frames(frames)
     height, width = frames.shape[1:3]
-    if height <= width:
-        new_height, new_width = size, max(size, round(width * size / height))
-    else:
-        new_height, new_width = max(size, round(height * size / width)), size
+    new_height, new_width = _short_side_size(height, width, size)
     if (new_height, new_width) == (height, width):
         return frames
     # (T, H, W, 3) -> (T, 3, H, W): torchvision resizes the last two dims; its uint8 kernel avoids a copy.
     resized = TF.resize(frames.permute(0, 3, 1, 2), [new_height, new_width], antialias=True)
     return resized.permute(0, 2, 3, 1)
+
+
+def _short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) with the shorter side ``size`` and the aspect ratio kept, to a whole pixel."""
+    if height <= width:
+        return size, max(size, round(width * size / height))
+    return max(size, round(height * size / width)), size
 
 
 def crop_offsets(length: int, size: int, num_crops: int) -> list[int]:
@@ -148,8 +160,9 @@ def _finish(frames: torch.Tensor, mean: Any, std: Any, normalized: bool) -> torc
 class TrainAugment:
     """Training transform: random shorter-side scale, random square crop, horizontal flip, normalisation.
 
-    Every random choice comes from the generator passed to ``__call__``, drawn in a fixed order (scale, crop
-    top, crop left, flip), so a clip is a pure function of the frames and the generator's seed.
+    Every random choice comes from the generator passed to ``__call__`` (or ``draw``), in a fixed order (scale,
+    crop top, crop left, flip), so a clip is a pure function of the frames and the generator's seed. The crop
+    is cut from the source frame before resizing (see the module docstring).
 
     Args:
         jitter_scales: inclusive ``(min, max)`` range of the shorter side, e.g. ``(256, 320)``.
@@ -185,6 +198,55 @@ class TrainAugment:
         self.flip_prob = flip_prob
         self.normalized = bool(normalized)
 
+    def draw(self, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
+        """Draw one clip's augmentation for frames of ``height`` x ``width``: the source window and the flip.
+
+        Returns:
+            int64 tensor of 9 numbers: the source window (top, left, height, width), the size it is resized to
+            (height, width), the crop's offset in it (top, left) and the flip (0 or 1).
+        """
+        scale = int(rng.integers(self.jitter_scales[0], self.jitter_scales[1] + 1))
+        new_height, new_width = _short_side_size(height, width, scale)
+        top = int(rng.integers(0, new_height - self.crop_size + 1))
+        left = int(rng.integers(0, new_width - self.crop_size + 1))
+        flip = int(rng.random() < self.flip_prob)
+        rows = _window(top, self.crop_size, height, new_height)
+        columns = _window(left, self.crop_size, width, new_width)
+        return torch.tensor([rows[0], columns[0], rows[1], columns[1], rows[2], columns[2], rows[3], columns[3], flip])
+
+    def apply(self, frames: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """Cut, resize and flip one clip as ``window`` (from :meth:`draw`) says, on the frames' device.
+
+        Args:
+            frames: uint8 tensor (T, H, W, 3), RGB (H and W may exceed the frames the window was drawn for).
+            window: the 9 int64 numbers of :meth:`draw`.
+
+        Returns:
+            uint8 tensor (T, 3, crop_size, crop_size).
+        """
+        top, left, height, width, out_height, out_width, crop_top, crop_left, flip = window.tolist()
+        # (T, H, W, 3) -> (T, 3, h, w), a strided view: torchvision's uint8 kernel reads channels-last directly.
+        region = frames[:, top : top + height, left : left + width].permute(0, 3, 1, 2)
+        if (out_height, out_width) != (height, width):
+            region = TF.resize(region, [out_height, out_width], antialias=True)
+        size = self.crop_size
+        crop = region[:, :, crop_top : crop_top + size, crop_left : crop_left + size]
+        return crop.flip(-1) if flip else crop
+
+    def apply_batch(self, frames: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """Augment a batch of source clips on their device: the device side of the loader.
+
+        Args:
+            frames: uint8 tensor (B, T, H, W, 3), each clip at the top left, padded to the batch's largest size.
+            windows: int64 (B, 9) from :meth:`draw` (on the CPU: they are read as Python numbers).
+
+        Returns:
+            uint8 tensor (B, 3, T, crop_size, crop_size), the clips of ``__call__`` before normalisation.
+        """
+        crops = torch.stack([self.apply(clip, window) for clip, window in zip(frames, windows, strict=True)])
+        # (B, T, 3, S, S) -> (B, 3, T, S, S), laid out as the worker's clips: a convolution's rounding depends on it.
+        return crops.transpose(1, 2).contiguous()
+
     def __call__(self, frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Augment one clip.
 
@@ -195,15 +257,11 @@ class TrainAugment:
         Returns:
             float32 tensor (3, T, crop_size, crop_size) (uint8 when not ``normalized``).
         """
-        scale = int(rng.integers(self.jitter_scales[0], self.jitter_scales[1] + 1))
-        frames = resize_short_side(frames, scale)
-        height, width = frames.shape[1:3]
-        top = int(rng.integers(0, height - self.crop_size + 1))
-        left = int(rng.integers(0, width - self.crop_size + 1))
-        frames = frames[:, top : top + self.crop_size, left : left + self.crop_size]
-        if rng.random() < self.flip_prob:
-            frames = frames.flip(2)
-        return _finish(frames, self.mean, self.std, self.normalized)
+        _check_frames(frames)
+        crop = self.apply(frames, self.draw(frames.shape[1], frames.shape[2], rng)).transpose(0, 1)
+        if self.normalized:
+            return normalize_clips(crop, self.mean, self.std).contiguous()
+        return crop.contiguous()
 
 
 class EvalViews:
@@ -269,6 +327,20 @@ class EvalViews:
         crops = crops.view(len(corners), num_clips, clip_frames, size, size, 3).transpose(0, 1)
         views = crops.reshape(num_clips * len(corners), clip_frames, size, size, 3)
         return _finish(views, self.mean, self.std, self.normalized)
+
+
+def _window(start: int, crop: int, source: int, resized: int) -> tuple[int, int, int, int]:
+    """The source pixels under ``[start, start + crop)`` of a side resized from ``source`` to ``resized`` pixels.
+
+    Returns ``(first, count, count_resized, offset)``: source pixels ``[first, first + count)`` (rounded outwards),
+    resized to ``count_resized`` pixels, in which the crop starts at ``offset``.
+    """
+    ratio = source / resized
+    first = math.floor(start * ratio)
+    count = min(source, math.ceil((start + crop) * ratio)) - first
+    count_resized = max(crop, round(count / ratio))
+    offset = min(max(round(start - first / ratio), 0), count_resized - crop)
+    return first, count, count_resized, offset
 
 
 def _check_frames(frames: torch.Tensor) -> None:

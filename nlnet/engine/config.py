@@ -84,6 +84,9 @@ DEFAULTS: dict[str, Any] = {
         # Validation during training: "center" (one middle clip, centre crop) or "train_like" (the training
         # augmentation, as in the paper's curves).
         "val_mode": "center",
+        # Where the training augmentation (scale jitter, crop, flip, normalisation) runs: "worker" (the loader
+        # workers) or "device" (workers decode and draw only; the training device cuts the clips, batched).
+        "augment_on": "worker",
         # Class names in index order; null: the sorted names found in the training annotations.
         "class_names": None,
         # format "builtin": the generated set (nlnet.data.builtin.write_builtin) is made or found in the

@@ -186,7 +186,8 @@ def predict(
         skipped.extend(batch["skipped"])
         if batch["clip"] is None:
             continue
-        clips = batch["clip"].to(ctx.device, non_blocking=True)
+        to_device = getattr(dataset, "to_device", None)
+        clips = to_device(batch, ctx.device) if to_device else batch["clip"].to(ctx.device, non_blocking=True)
         autocast = torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         with autocast:
             scores.append(
@@ -245,8 +246,9 @@ def build_eval_loader(
         data_cfg.val_list = data_cfg[f"{split}_list"]
         data_cfg.val_mode = "center"
         split = "val"
-    # uint8 clips from the workers, normalised on the device (see video_scores).
-    dataset = build_dataset(data_cfg, split, normalized=False)
+    # uint8 clips from the workers (or decoded frames, cut into views on the device with data.augment_on:
+    # device), normalised on the device (see video_scores).
+    dataset = build_dataset(data_cfg, split, normalized=False, augment_on=str(data_cfg.get("augment_on", "worker")))
     sampler = ResumableSampler(
         len(dataset), shuffle=False, rank=ctx.rank, world_size=ctx.world_size, pad=False
     )

@@ -10,34 +10,35 @@ inputs together. Frozen (eval-mode) BN layers are left untouched.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from nlnet.data.transforms import normalize_clips
 from nlnet.engine.distributed import all_reduce_sum, any_rank
 
 __all__ = ["agreed_clips", "update_bn_stats"]
 
 
 def agreed_clips(
-    batches: Iterable[dict[str, Any]], device: torch.device, mean: Any, std: Any
+    batches: Iterable[dict[str, Any]],
+    device: torch.device,
+    model_input: Callable[[dict[str, Any], torch.device], torch.Tensor],
 ) -> Iterator[torch.Tensor]:
-    """The normalised clips of ``batches`` on ``device``, leaving out a batch on every process when it is
-    empty (all its videos unreadable) on any process.
+    """The clips of ``batches`` made ready on ``device`` by ``model_input`` (a dataset's ``model_input``:
+    normalisation, or the device-side augmentation), leaving out a batch on every process when it is empty
+    (all its videos unreadable) on any process.
 
     Every process must then run the same number of forward passes: with SyncBatchNorm each forward is a
     collective, and one process running fewer would leave the others waiting. ``batches`` must yield the
     same number of batches on every process (samplers that pad give each process an equal share).
     """
     for batch in batches:
-        clip = batch["clip"]
-        if any_rank(clip is None):
+        if any_rank(batch["clip"] is None):
             continue
-        yield normalize_clips(clip.to(device, non_blocking=True), mean, std)
+        yield model_input(batch, device)
 
 
 class _Moments:

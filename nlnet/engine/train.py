@@ -29,7 +29,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from nlnet.data.transforms import normalize_clips
 from nlnet.engine.build import build_model
 from nlnet.engine.builtin import resolve_builtin
 from nlnet.engine.checkpoint import (
@@ -143,10 +142,12 @@ class _Run:
 
         cfg, ctx, train_cfg = self.cfg, self.ctx, self.cfg.train
         # Workers send uint8 clips (a quarter of float32's bytes through shared memory and the copy to the
-        # device), pinned for asynchronous copies on CUDA; they are normalised on the device.
+        # device), pinned for asynchronous copies on CUDA; they are normalised on the device (and with
+        # data.augment_on: device, cut from the source frames there: VideoClipDataset.model_input).
         self.pin_memory = ctx.device.type == "cuda"
         # Reading the annotation lists first: a malformed line stops the run before any model is built.
-        self.dataset = build_dataset(cfg.data, "train", normalized=False)
+        augment_on = str(cfg.data.augment_on)
+        self.dataset = build_dataset(cfg.data, "train", normalized=False, augment_on=augment_on)
         self.iters_per_epoch = len(self.dataset) // int(train_cfg.batch_size)
         if self.iters_per_epoch < 1:
             raise ValueError(
@@ -168,7 +169,7 @@ class _Run:
         )
         self.bn_dataset = None
         if train_cfg.precise_bn and int(train_cfg.precise_bn_batches) > 0:
-            self.bn_dataset = build_dataset(cfg.data, "train", normalized=False)
+            self.bn_dataset = build_dataset(cfg.data, "train", normalized=False, augment_on=augment_on)
             self.bn_sampler = ResumableSampler(
                 len(self.bn_dataset),
                 shuffle=True,
@@ -335,7 +336,7 @@ class _Run:
             return
         self.bn_dataset.set_epoch(self.iteration)
         self.bn_sampler.set_epoch(self.iteration)
-        clips = agreed_clips(self.bn_loader, self.ctx.device, self.bn_dataset.mean, self.bn_dataset.std)
+        clips = agreed_clips(self.bn_loader, self.ctx.device, self.bn_dataset.model_input)
         with self._autocast():
             used = update_bn_stats(self.model, clips, int(self.cfg.train.precise_bn_batches))
         self.precise_bn_at = self.iteration
@@ -430,7 +431,7 @@ class _Run:
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                 self.scheduler.step()
             return
-        clip = normalize_clips(clip.to(self.ctx.device, non_blocking=True), self.dataset.mean, self.dataset.std)
+        clip = self.dataset.model_input(batch, self.ctx.device)
         labels = labels.to(self.ctx.device, non_blocking=True)
         with self._autocast():
             logits = self.ddp(clip)

@@ -29,6 +29,8 @@ def test_quick_cpu_run_writes_every_section_to_json_and_markdown(tmp_path):
     for name in ("model", "loader", "ddp"):
         rows = report["sections"][name]["rows"]
         assert rows and all(row["status"] == "ok" and row["clips_per_s"] > 0 for row in rows), name
+    assert [(row["augment_on"], row["feeds_training"]) for row in report["sections"]["loader"]["rows"]] == [
+        ("worker", False), ("worker", True), ("device", False), ("device", True)]
     assert [row["processes"] for row in report["sections"]["ddp"]["rows"]] == [1, 2]
     table = (tmp_path / "gpu.md").read_text(encoding="utf-8")
     for heading in ("Non-local block", "Training steps", "Loader", "DDP"):

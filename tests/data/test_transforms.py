@@ -138,12 +138,17 @@ def test_train_scale_jitter_draws_every_integer_in_the_inclusive_range():
     ramp = np.zeros((1, 20, 20, 3), np.uint8)
     ramp[..., 0] = 6 * np.arange(20)  # red rises by 6 per column; after resizing to s it rises by 6 * 20 / s
     augment = TrainAugment((20, 40), 20, flip_prob=0.0)
-    scales = set()
+    drawn = set()
     for seed in range(300):
         red = unnormalize(augment(torch.from_numpy(ramp), np.random.default_rng(seed)))[0, 0, :, 0]
         slope = float(red[18] - red[1]) / 17  # columns 1..18 stay clear of the clamped borders
-        scales.add(round(6 * 20 / slope))
-    assert scales == set(range(20, 41))
+        scale = int(np.random.default_rng(seed).integers(20, 41))  # the first draw is the scale
+        drawn.add(scale)
+        # The crop is cut from a window of whole source pixels resized to a whole number of pixels, so the
+        # scale it shows is the drawn one to within scale / (2 * crop) (here under 1), plus the error of reading
+        # it off an antialiased ramp.
+        assert abs(6 * 20 / slope - scale) <= scale / (2 * 20) + 0.3
+    assert drawn == set(range(20, 41))
     with pytest.raises(ValueError, match="crop_size"):
         TrainAugment((20, 30), 24)
     with pytest.raises(ValueError, match="jitter_scales"):

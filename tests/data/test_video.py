@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -144,3 +145,125 @@ def test_real_mp4_bigbuckbunny(bigbuckbunny):
     for frame, index in zip(frames, [131, 0, 66], strict=True):
         assert np.array_equal(frame, reference[index])
     assert frames[2].std() > 10  # real picture content, not a blank frame
+
+
+# ------------------------------------------------------------------------------------------------- seeking
+
+
+def encode_noise_video(path, num_frames, *, keyint, b_frames=3, open_gop=False, durations_ms=None):
+    """An H.264 mp4 of moving noise (so every frame differs) with key frames every ``keyint`` frames exactly.
+
+    ``durations_ms`` gives each frame's display time, for a variable-frame-rate file (1 ms time base).
+    """
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    params = f"keyint={keyint}:min-keyint={keyint}:scenecut=0" + (":open-gop=1" if open_gop else "")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"bf": str(b_frames), "x264-params": params})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        pts = 0
+        for index in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 3 * index, axis=1), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            pts += 40 if durations_ms is None else int(durations_ms[index])
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def every_frame(path):
+    """Reference: PyAV's plain decode loop from the start, every frame to RGB (no nlnet code)."""
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])])
+
+
+def seek_log(caplog):
+    """(frames decoded, seeks) of each seek-path call, and the reasons of each fall back to decoding from 0."""
+    used, fell_back = [], []
+    for record in caplog.records:
+        message = record.getMessage()
+        if message.startswith("seek path:"):
+            decoded, seeks = [int(word) for word in message.split() if word.isdigit()][:2]
+            used.append((decoded, seeks))
+        elif message.startswith("decoding from the start"):
+            fell_back.append(message)
+    return used, fell_back
+
+
+def clips_of_every_start(num_frames, length, rate):
+    return [(start + rate * np.arange(length)) % num_frames for start in range(0, num_frames, 3)]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["short GOP, B-frames", "short GOP, no B-frames", "variable frame rate", "long GOP"],
+)
+def test_seek_path_gives_the_frames_of_a_decode_from_the_start(tmp_path, kind, caplog):
+    path = tmp_path / "v.mp4"
+    if kind == "short GOP, B-frames":
+        encode_noise_video(path, 100, keyint=10)
+    elif kind == "short GOP, no B-frames":
+        encode_noise_video(path, 100, keyint=8, b_frames=0)
+    elif kind == "variable frame rate":
+        encode_noise_video(path, 100, keyint=12, durations_ms=np.random.default_rng(1).integers(15, 90, 100))
+    else:
+        encode_noise_video(path, 100, keyint=250)
+    reference = every_frame(path)
+    assert len(reference) == 100
+    late_run = np.arange(66, 82)
+    clips = [
+        late_run,
+        *clips_of_every_start(100, 8, 4),
+        *clips_of_every_start(100, 16, 1),
+        np.array([97, 3, 50, 50, 12]),
+    ]
+    with caplog.at_level(logging.DEBUG, logger="nlnet.data.video"):
+        for indices in clips:
+            seeking, count = decode_frames(path, lambda n, indices=indices: indices)
+            from_start, _ = decode_frames(path, lambda n, indices=indices: indices, seek=False)
+            assert count == 100
+            assert np.array_equal(seeking, from_start)
+            assert np.array_equal(seeking, reference[indices])
+    used, fell_back = seek_log(caplog)
+    assert fell_back == []
+    if kind == "long GOP":
+        assert used == []  # one key frame: nothing to seek to, the file is decoded from its start
+    else:
+        assert len(used) == len(clips)
+        # A 16-frame run late in the file decodes the run plus at most a group before it, not frames 0-65.
+        assert used[0][0] < 16 + 12
+
+
+def test_open_gop_key_frames_are_not_seek_targets(tmp_path, caplog):
+    # With open GOPs x264 codes I-frames whose leading B-frames (decoded after, shown before) refer to the
+    # previous group: decoding from such an I-frame cannot give those frames, so the seek path must notice.
+    path = encode_noise_video(tmp_path / "open.mp4", 100, keyint=12, open_gop=True)
+    reference = every_frame(path)
+    with caplog.at_level(logging.DEBUG, logger="nlnet.data.video"):
+        for indices in clips_of_every_start(100, 8, 2):
+            frames, _ = decode_frames(path, lambda n, indices=indices: indices)
+            assert np.array_equal(frames, reference[indices])
+    _, fell_back = seek_log(caplog)
+    assert fell_back and all("is open" in why for why in fell_back)
+
+
+def test_prepared_file_and_bigbuckbunny_seek_exactly(tmp_path, bigbuckbunny, caplog):
+    from nlnet.data.prepare import prepare_videos
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "bbb.mp4").symlink_to(bigbuckbunny)
+    prepare_videos(tmp_path / "src", tmp_path / "dst", short_side=64, keyframe_interval=16, progress=False)
+    for path in (tmp_path / "dst" / "bbb.mp4", bigbuckbunny):
+        reference = every_frame(path)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="nlnet.data.video"):
+            for indices in clips_of_every_start(len(reference), 8, 8)[::4] + [np.array([120, 40, 41, 100])]:
+                frames, _ = decode_frames(path, lambda n, indices=indices: indices)
+                assert np.array_equal(frames, reference[indices])
+                one_thread, _ = decode_frames(path, lambda n, indices=indices: indices, threads=1)
+                assert np.array_equal(one_thread, frames)
+        used, fell_back = seek_log(caplog)
+        assert fell_back == []
+        if path.name == "bbb.mp4" and path.parent.name == "dst":
+            assert used  # the prepared file has a key frame every 16 frames: the seek path ran

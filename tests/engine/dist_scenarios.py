@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import nlnet.engine.train as train_module
+from nlnet.data.transforms import normalize_clips
 from nlnet.engine.checkpoint import resolve_resume
 from nlnet.engine.distributed import all_gather_objects, cleanup_distributed, setup_distributed
 from nlnet.engine.precise_bn import agreed_clips, update_bn_stats
@@ -61,7 +62,11 @@ def precise_bn_with_an_empty_batch(args: list[str], rank: int) -> dict:
     if rank == 1:
         batches[1] = {"clip": None}
     model = _bn_net().train()
-    used = update_bn_stats(model, agreed_clips(batches, torch.device("cpu"), 114.75, 57.375), 10)
+
+    def model_input(batch: dict, device: torch.device) -> torch.Tensor:
+        return normalize_clips(batch["clip"].to(device), 114.75, 57.375)
+
+    used = update_bn_stats(model, agreed_clips(batches, torch.device("cpu"), model_input), 10)
     return {"used": used, "running_mean": model[1].running_mean.tolist()}
 
 

