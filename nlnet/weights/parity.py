@@ -14,7 +14,7 @@ import importlib.util
 import os
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,6 +283,30 @@ def compare(
     return report
 
 
+def _reference_mode(
+    recorded: str | None, has_nonlocal: bool, converted: Mapping[str, Any]
+) -> tuple[str | None, list[str]]:
+    """The non-local mode the reference network is built with: the one the source records, else (with a note)
+    the converted file's. Only the source's own word lets a wrong ``--nonlocal-mode`` show up as a difference."""
+    if recorded is not None or not has_nonlocal:
+        return recorded, []
+    mode = converted.get("overrides", {}).get("nonlocal_mode")
+    return mode, [f"the source does not record its non-local mode: the reference uses the converted {mode!r}"]
+
+
+def _unavailable(importer: Callable[[], Any], tolerance: float) -> ParityReport | None:
+    """Why no check is possible when ``importer`` cannot import the source framework, else None."""
+    try:
+        importer()
+    except ImportError as error:
+        return ParityReport(checked=False, tolerance=tolerance, notes=[f"no check was possible: {error}"])
+    return None
+
+
+def _clip_note(framework: str, clip_shape: Sequence[int]) -> str:
+    return f"{framework} vs nlnet on one random {'x'.join(map(str, clip_shape))} clip"
+
+
 def check_mmaction2(
     source_path: str | os.PathLike, converted_path: str | os.PathLike, *, tolerance: float = DEFAULT_TOLERANCE
 ) -> ParityReport:
@@ -291,21 +315,14 @@ def check_mmaction2(
     Returns:
         The per-stage report; ``checked`` False (with the reason in ``notes``) when mmaction2 is not importable.
     """
-    try:
-        import_mmaction2()
-    except ImportError as error:
-        return ParityReport(checked=False, tolerance=tolerance, notes=[f"no check was possible: {error}"])
+    if (report := _unavailable(import_mmaction2, tolerance)) is not None:
+        return report
     state, meta, _ = read_mmaction2(source_path)
     converted = torch.load(os.fspath(converted_path), map_location="cpu", weights_only=True)
-    notes = []
-    mode = nonlocal_mode_from(meta, state)
-    if mode is None and any(".non_local_block." in key for key in state):
-        # The source does not say embedded_gaussian or dot_product; the reference can only take the converted
-        # file's choice, so a wrong --nonlocal-mode would go unnoticed.
-        mode = converted.get("overrides", {}).get("nonlocal_mode")
-        notes.append(f"the source does not record its non-local mode: the reference uses the converted {mode!r}")
+    has_nonlocal = any(".non_local_block." in key for key in state)
+    mode, notes = _reference_mode(nonlocal_mode_from(meta, state), has_nonlocal, converted)
     report = compare(load_converted(converted_path), mmaction2_reference(state, mode), tolerance=tolerance)
-    report.notes[:0] = notes + [f"mmaction2 vs nlnet on one random {'x'.join(map(str, CLIP_SHAPE))} clip"]
+    report.notes[:0] = notes + [_clip_note("mmaction2", CLIP_SHAPE)]
     return report
 
 
@@ -386,18 +403,12 @@ def check_pyslowfast(
     Returns:
         The per-stage report; ``checked`` False (with the reason in ``notes``) when PySlowFast is not importable.
     """
-    try:
-        import_pyslowfast()
-    except ImportError as error:
-        return ParityReport(checked=False, tolerance=tolerance, notes=[f"no check was possible: {error}"])
+    if (report := _unavailable(import_pyslowfast, tolerance)) is not None:
+        return report
     state, cfg, _ = read_pyslowfast(source_path)
     converted = torch.load(os.fspath(converted_path), map_location="cpu", weights_only=True)
-    notes = [f"PySlowFast vs nlnet on one random {'x'.join(map(str, PYSLOWFAST_CLIP_SHAPE))} clip"]
-    mode = nonlocal_mode_of(cfg)
-    if mode is None and block_indices(state, "nonlocal") != [[]] * 4:
-        # As for mmaction2: without the source's own word the reference takes the converted file's choice.
-        mode = converted.get("overrides", {}).get("nonlocal_mode")
-        notes.insert(0, f"the source does not record its non-local mode: the reference uses the converted {mode!r}")
+    has_nonlocal = block_indices(state, "nonlocal") != [[]] * 4
+    mode, notes = _reference_mode(nonlocal_mode_of(cfg), has_nonlocal, converted)
     report = compare(
         load_converted(converted_path),
         pyslowfast_reference(state, mode),
@@ -405,7 +416,7 @@ def check_pyslowfast(
         stages=PYSLOWFAST_STAGES,
         clip_shape=PYSLOWFAST_CLIP_SHAPE,
     )
-    report.notes[:0] = notes
+    report.notes[:0] = notes + [_clip_note("PySlowFast", PYSLOWFAST_CLIP_SHAPE)]
     return report
 
 
