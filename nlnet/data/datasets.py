@@ -143,6 +143,8 @@ class VideoClipDataset(Dataset):
         # see set_epoch calls made in the main process.
         self._rng_state = torch.zeros(2, dtype=torch.int64).share_memory_()
         self.set_seed(seed)
+        # (path, choose_indices) -> (frames, n); nlnet.data.cache swaps in frames decoded once.
+        self.read_frames: Callable[..., tuple[np.ndarray, int]] = decode_frames
 
     @property
     def seed(self) -> int:
@@ -187,16 +189,16 @@ class VideoClipDataset(Dataset):
         frames_per_clip, rate = self.num_frames, self.sampling_rate
         if self.mode == "train":
             temporal_seed, spatial_seed = np.random.SeedSequence((self.seed, self.epoch, index)).spawn(2)
-            frames, _ = decode_frames(
+            frames, _ = self.read_frames(
                 path,
                 lambda n: train_clip_indices(n, frames_per_clip, rate, np.random.default_rng(temporal_seed)),
             )
             return self.train_transform(torch.from_numpy(frames), np.random.default_rng(spatial_seed))
         if self.mode == "center":
-            frames, _ = decode_frames(path, lambda n: center_clip_indices(n, frames_per_clip, rate))
+            frames, _ = self.read_frames(path, lambda n: center_clip_indices(n, frames_per_clip, rate))
             return self.eval_views(torch.from_numpy(frames))[0]
         num_clips = self.num_clips
-        frames, _ = decode_frames(
+        frames, _ = self.read_frames(
             path,
             lambda n: np.concatenate(
                 [eval_clip_indices(n, frames_per_clip, rate, k, num_clips) for k in range(num_clips)]

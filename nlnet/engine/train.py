@@ -147,6 +147,11 @@ class _Run:
         self.pin_memory = ctx.device.type == "cuda"
         # Reading the annotation lists first: a malformed line stops the run before any model is built.
         self.dataset = build_dataset(cfg.data, "train", normalized=False)
+        decoded = None
+        if cfg.data.cache_decoded:
+            from nlnet.data.cache import cache_decoded
+
+            decoded = cache_decoded(self.dataset, num_workers=int(train_cfg.num_workers), progress=ctx.is_main)
         self.iters_per_epoch = len(self.dataset) // int(train_cfg.batch_size)
         if self.iters_per_epoch < 1:
             raise ValueError(
@@ -169,6 +174,8 @@ class _Run:
         self.bn_dataset = None
         if train_cfg.precise_bn and int(train_cfg.precise_bn_batches) > 0:
             self.bn_dataset = build_dataset(cfg.data, "train", normalized=False)
+            if decoded is not None:
+                self.bn_dataset.read_frames = decoded
             self.bn_sampler = ResumableSampler(
                 len(self.bn_dataset),
                 shuffle=True,
