@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from nlnet.cli import main
 from nlnet.experiments import ABLATION_AXES, ablate, demo, demo_seeds
 
 TOY = [
@@ -82,3 +83,9 @@ def test_demo_over_seeds_tabulates_each_seed_with_mean_and_min(tmp_path, toy, ca
     assert any(not torch.equal(states[0]["model"][key], states[1]["model"][key]) for key in states[0]["model"])
     with pytest.raises(ValueError, match="at least one training seed"):
         demo_seeds(tmp_path / "none", [], overrides=toy)
+
+
+def test_demo_seeds_on_the_command_line_rejects_zero_seeds(tmp_path, capsys):
+    assert main(["demo", "--seeds", "0", "--out-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds needs N >= 1" in err and "got --seeds 0" in err and not (tmp_path / "none").exists()
