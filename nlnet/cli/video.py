@@ -287,15 +287,30 @@ def _add_demo(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out-dir", default="runs/builtin_demo", help="runs, results.md and attention.png")
     parser.add_argument("--no-figure", action="store_true", help="skip the attention figure")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        help="run N training seeds (--first-seed, --first-seed + 1, ...) into OUT_DIR/seed_S and print a table "
+        "per seed with mean and min (default: one run with the recipe's seed)",
+    )
+    parser.add_argument("--first-seed", type=int, default=0, help="first training seed of --seeds (default 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     parser.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from nlnet.experiments import demo
+    from nlnet.experiments import demo, demo_seeds
 
-    demo(args.out_dir, overrides=args.overrides, device=args.device, figure=not args.no_figure)
+    if args.seeds is None:
+        demo(args.out_dir, overrides=args.overrides, device=args.device, figure=not args.no_figure)
+        return 0
+    if args.seeds < 1 or args.no_figure:
+        raise ValueError(
+            f"--seeds needs N >= 1 and the attention figure, got --seeds {args.seeds} with --no-figure={args.no_figure}"
+        )
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    demo_seeds(args.out_dir, seeds, overrides=args.overrides, device=args.device)
     return 0
 
 

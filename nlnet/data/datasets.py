@@ -157,6 +157,8 @@ class VideoClipDataset(Dataset):
         # see set_epoch calls made in the main process.
         self._rng_state = torch.zeros(2, dtype=torch.int64).share_memory_()
         self.set_seed(seed)
+        # (path, choose_indices) -> (frames, n); nlnet.data.cache swaps in frames decoded once.
+        self.read_frames: Callable[..., tuple[np.ndarray, int]] = decode_frames
 
     @property
     def seed(self) -> int:
@@ -232,7 +234,7 @@ class VideoClipDataset(Dataset):
         threads = 1 if get_worker_info() is not None else 0
         if self.mode == "train":
             temporal_seed, spatial_seed = np.random.SeedSequence((self.seed, self.epoch, index)).spawn(2)
-            frames, _ = decode_frames(
+            frames, _ = self.read_frames(
                 path,
                 lambda n: train_clip_indices(n, frames_per_clip, rate, np.random.default_rng(temporal_seed)),
                 threads=threads,
@@ -242,13 +244,15 @@ class VideoClipDataset(Dataset):
                 return {"clip": frames, "window": self.train_transform.draw(*frames.shape[1:3], spatial_rng)}
             return {"clip": self.train_transform(frames, spatial_rng)}
         if self.mode == "center":
-            frames, _ = decode_frames(path, lambda n: center_clip_indices(n, frames_per_clip, rate), threads=threads)
+            frames, _ = self.read_frames(
+                path, lambda n: center_clip_indices(n, frames_per_clip, rate), threads=threads
+            )
             frames = torch.from_numpy(frames)
             if on_device:
                 return {"clip": frames, "frame_size": torch.tensor(frames.shape[1:3])}
             return {"clip": self.eval_views(frames)[0]}
         num_clips = self.num_clips
-        frames, _ = decode_frames(
+        frames, _ = self.read_frames(
             path,
             lambda n: np.concatenate(
                 [eval_clip_indices(n, frames_per_clip, rate, k, num_clips) for k in range(num_clips)]

@@ -93,6 +93,9 @@ DEFAULTS: dict[str, Any] = {
         # cache folder (null: nlnet.data.builtin.default_cache_dir()) and fills in root, the lists,
         # num_classes and class_names.
         "builtin": {"num_train": 8000, "num_test": 1000, "seed": 0, "cache_dir": None},
+        # Decode every training video once, before the first epoch, and cut all training clips from the kept
+        # uint8 frames (nlnet.data.cache: same clips, memory = the decoded set); for small sets of short videos.
+        "cache_decoded": False,
     },
     "train": {
         # Global batch (all processes together); each process takes batch_size / world_size clips.

@@ -148,6 +148,11 @@ class _Run:
         # Reading the annotation lists first: a malformed line stops the run before any model is built.
         augment_on = str(cfg.data.augment_on)
         self.dataset = build_dataset(cfg.data, "train", normalized=False, augment_on=augment_on)
+        decoded = None
+        if cfg.data.cache_decoded:
+            from nlnet.data.cache import cache_decoded
+
+            decoded = cache_decoded(self.dataset, num_workers=int(train_cfg.num_workers), progress=ctx.is_main)
         self.iters_per_epoch = len(self.dataset) // int(train_cfg.batch_size)
         if self.iters_per_epoch < 1:
             raise ValueError(
@@ -170,6 +175,8 @@ class _Run:
         self.bn_dataset = None
         if train_cfg.precise_bn and int(train_cfg.precise_bn_batches) > 0:
             self.bn_dataset = build_dataset(cfg.data, "train", normalized=False, augment_on=augment_on)
+            if decoded is not None:
+                self.bn_dataset.read_frames = decoded
             self.bn_sampler = ResumableSampler(
                 len(self.bn_dataset),
                 shuffle=True,

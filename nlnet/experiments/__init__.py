@@ -5,6 +5,6 @@ them.
 """
 
 from nlnet.experiments.ablate import ABLATION_AXES, AblationRow, ablate, format_ablation
-from nlnet.experiments.demo import demo
+from nlnet.experiments.demo import demo, demo_seeds
 
-__all__ = ["ABLATION_AXES", "AblationRow", "ablate", "demo", "format_ablation"]
+__all__ = ["ABLATION_AXES", "AblationRow", "ablate", "demo", "demo_seeds", "format_ablation"]

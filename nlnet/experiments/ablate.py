@@ -128,6 +128,7 @@ def format_ablation(results: Mapping[str, Mapping[str, Any]], axes: Sequence[str
     for axis in axes:
         title, rows = ABLATION_AXES[axis]
         lines += [f"**{title}**", "", "| model | params | built-in top-1 (%) | paper top-1 (%) |", "|---|---|---|---|"]
+        ranges: dict[str, tuple[float, float]] = {}
         for row in rows:
             done = [results[_run_key(row.run, s)] for s in seeds if _run_key(row.run, s) in results]
             paper = "-" if row.paper is None else f"{row.paper:.1f}"
@@ -139,11 +140,28 @@ def format_ablation(results: Mapping[str, Mapping[str, Any]], axes: Sequence[str
             cell = f"{mean:.1f}"
             if len(scores) > 1:
                 cell += f" ({min(scores):.1f}-{max(scores):.1f}, {len(scores)} seeds)"
+                ranges[row.label] = (min(scores), max(scores))
             elif len(seeds) > 1:
                 cell += f" (1 of {len(seeds)} seeds)"
             lines.append(f"| {row.label} | {int(done[0]['params']):,} | {cell} | {paper} |")
-        lines.append("")
+        lines += ["", *_overlaps(ranges)]
     return "\n".join(lines)
+
+
+def _overlaps(ranges: Mapping[str, tuple[float, float]]) -> list[str]:
+    """A line naming the pairs of rows whose seed ranges (min-max) overlap: their difference is within noise."""
+    labels = list(ranges)
+    pairs = [
+        f"{a} ~ {b}"
+        for i, a in enumerate(labels)
+        for b in labels[i + 1 :]
+        if ranges[a][0] <= ranges[b][1] and ranges[b][0] <= ranges[a][1]
+    ]
+    if len(labels) < 2:
+        return []
+    if not pairs:
+        return ["No two seed ranges overlap: every difference on this axis exceeds the run-to-run spread.", ""]
+    return [f"Within noise (seed ranges overlap): {'; '.join(pairs)}.", ""]
 
 
 @dataclass

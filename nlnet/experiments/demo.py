@@ -17,7 +17,7 @@ from nlnet.engine.config import load_config
 from nlnet.experiments.runs import set_threads, train_and_test
 from nlnet.viz import builtin_attention_figure
 
-__all__ = ["demo"]
+__all__ = ["demo", "demo_seeds"]
 
 
 def _placement(blocks: Any) -> str:
@@ -87,3 +87,57 @@ def demo(
     print(table)
     print(f"NL C2D checkpoint: {runs['nl_c2d']['checkpoint']}")
     return {"runs": runs, "table": table, "figure": report}
+
+
+def demo_seeds(
+    out_dir: str | Path,
+    seeds: Sequence[int],
+    *,
+    config: str | Path = DEFAULT_CONFIG,
+    baseline_config: str | Path = BASELINE_CONFIG,
+    overrides: Sequence[str] = (),
+    device: str | None = None,
+) -> dict[str, Any]:
+    """`demo` once per training seed (``seed=S``, into ``<out_dir>/seed_S``); a table per seed with mean and min.
+
+    The data set is the same for every seed (``data.builtin.seed``); a seed fixes the initial weights, the batch
+    order and the augmentation of both networks. Seeds already run in ``out_dir`` are re-tested, not retrained.
+
+    Returns:
+        {"seeds": {seed: demo's result}, "table": markdown}; the table is also written to
+        ``<out_dir>/seeds.md``.
+    """
+    if not seeds:
+        raise ValueError("seeds must name at least one training seed, got none")
+    out = Path(out_dir)
+    results = {
+        int(seed): demo(
+            out / f"seed_{int(seed)}",
+            config=config,
+            baseline_config=baseline_config,
+            overrides=[*overrides, f"seed={int(seed)}"],
+            device=device,
+        )
+        for seed in seeds
+    }
+    rows = {
+        seed: (
+            100 * result["runs"]["c2d"]["top1"],
+            100 * result["runs"]["nl_c2d"]["top1"],
+            100 * result["figure"].on_target,
+        )
+        for seed, result in results.items()
+    }
+    columns = list(zip(*rows.values(), strict=True))
+    lines = [
+        "| seed | C2D top-1 (%) | NL C2D top-1 (%) | attention on target (%) |",
+        "|---|---|---|---|",
+        *(f"| {seed} | {c2d:.1f} | {nl:.1f} | {hit:.0f} |" for seed, (c2d, nl, hit) in rows.items()),
+        "| mean | " + " | ".join(f"{sum(c) / len(c):.1f}" for c in columns) + " |",
+        "| min | " + " | ".join(f"{min(c):.1f}" for c in columns) + " |",
+        "| max | " + " | ".join(f"{max(c):.1f}" for c in columns) + " |",
+    ]
+    table = "\n".join(lines)
+    (out / "seeds.md").write_text(table + "\n", encoding="utf-8")
+    print(f"\n{len(rows)} seeds:\n{table}")
+    return {"seeds": results, "table": table}

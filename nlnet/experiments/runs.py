@@ -16,12 +16,21 @@ from nlnet.engine.train import train
 __all__ = ["set_threads", "train_and_test"]
 
 
+# Torch's own thread count at start (OMP_NUM_THREADS when set, else the cores): the most a study will use.
+_START_THREADS = torch.get_num_threads()
+
+
 def set_threads(cfg: DictConfig, device: str | None) -> None:
-    """On CPU, leave one core to each data-loading worker: decoding and the training step then overlap."""
+    """On CPU, leave one core to each data-loading worker that decodes: decoding and the training step overlap.
+
+    With ``data.cache_decoded`` the workers decode only before the first epoch and then merely cut clips from
+    memory, so the training step keeps every thread. Never more than ``OMP_NUM_THREADS`` when it is set.
+    """
     if device == "cuda" or (device is None and torch.cuda.is_available()):
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores - int(cfg.train.num_workers)))
+    decoding_workers = 0 if cfg.data.get("cache_decoded") else int(cfg.train.num_workers)
+    torch.set_num_threads(max(1, min(_START_THREADS, cores - decoding_workers)))
 
 
 def _count_parameters(cfg: DictConfig) -> int:

@@ -22,3 +22,18 @@ def test_format_ablation_by_hand():
         "| 2 blocks (res3, res4) ~ 5-block | | not run | 73.8 |",
         "| 4 blocks (res2-res5) ~ 10-block | | not run | 74.3 |",
     ]
+
+
+def test_rows_whose_seed_ranges_overlap_are_called_within_noise():
+    scores = {"c2d": (0.40, 0.42), "gaussian": (0.90, 0.99), "nl_c2d": (0.95, 1.0), "dot_product": (0.50, 0.60)}
+    results = {
+        f"{run}_s{seed}": {"top1": top1, "params": 1}
+        for run, pair in scores.items()
+        for seed, top1 in enumerate(pair)
+    }
+    lines = format_ablation(results, ["instantiation"], [0, 1]).splitlines()
+    # 90-99 and 95-100 share 95-99; 40-42 and 50-60 touch nothing; concatenation was not run.
+    assert lines[-1] == "Within noise (seed ranges overlap): Gaussian ~ Gaussian, embed."
+    assert "| concatenation | | not run | 72.8 |" in lines
+    apart = format_ablation({k: v for k, v in results.items() if not k.startswith("gaussian")}, ["stage"], [0, 1])
+    assert apart.splitlines()[-1].startswith("No two seed ranges overlap")

@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from nlnet.experiments import ABLATION_AXES, ablate, demo
+from nlnet.cli import main
+from nlnet.experiments import ABLATION_AXES, ablate, demo, demo_seeds
 
 TOY = [
     "data.builtin.num_train=16",
@@ -61,3 +62,30 @@ def test_demo_and_ablation_end_to_end(tmp_path, toy, capsys):
     assert placed == {"res4"}
     with pytest.raises(ValueError, match="axes must be"):
         ablate(tmp_path / "ablation", axes=["depth"], overrides=toy)
+
+
+def test_demo_over_seeds_tabulates_each_seed_with_mean_and_min(tmp_path, toy, capsys):
+    result = demo_seeds(tmp_path / "seeds", [3, 4], overrides=toy, device="cpu")
+    table = (tmp_path / "seeds" / "seeds.md").read_text().strip()
+    assert table == result["table"] and table in capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert list(rows) == ["3", "4", "mean", "min", "max"]
+    nl = [100 * result["seeds"][seed]["runs"]["nl_c2d"]["top1"] for seed in (3, 4)]
+    hits = [100 * result["seeds"][seed]["figure"].on_target for seed in (3, 4)]
+    assert rows["3"].endswith(f"| {nl[0]:.1f} | {hits[0]:.0f} |")
+    assert rows["mean"].split(" | ")[2] == f"{(nl[0] + nl[1]) / 2:.1f}"
+    assert rows["min"].split(" | ")[2] == f"{min(nl):.1f}"
+    # Each seed is its own run: its sampler records the seed and its trained weights differ.
+    states = [
+        torch.load(result["seeds"][seed]["runs"]["nl_c2d"]["checkpoint"], weights_only=True) for seed in (3, 4)
+    ]
+    assert [state["sampler"]["seed"] for state in states] == [3, 4]
+    assert any(not torch.equal(states[0]["model"][key], states[1]["model"][key]) for key in states[0]["model"])
+    with pytest.raises(ValueError, match="at least one training seed"):
+        demo_seeds(tmp_path / "none", [], overrides=toy)
+
+
+def test_demo_seeds_on_the_command_line_rejects_zero_seeds(tmp_path, capsys):
+    assert main(["demo", "--seeds", "0", "--out-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds needs N >= 1" in err and "got --seeds 0" in err and not (tmp_path / "none").exists()
