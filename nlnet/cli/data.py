@@ -30,7 +30,14 @@ def _add_data(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     )
     prepare.add_argument("--root", help="folder the list's video paths are relative to (default: the list's folder)")
     prepare.add_argument("--short-side", type=int, default=256, help="size of the shorter side, even (default 256)")
-    prepare.add_argument("--keyframe-interval", type=int, default=16, help="frames between key frames (default 16)")
+    prepare.add_argument("--keyframe-interval", type=int, default=32, help="frames between key frames (default 32)")
+    prepare.add_argument(
+        "--bframes",
+        type=int,
+        default=7,
+        help="non-reference B-frames between reference frames, which a clip's decoder skips when it does not "
+        "show them (default 7; 0: every frame a reference)",
+    )
     prepare.add_argument(
         "--fps", type=_fps, default=None, metavar="KEEP|N", help="keep every frame (default) or resample to N fps"
     )
@@ -63,6 +70,7 @@ def _prepare(args: argparse.Namespace) -> int:
         root=args.root,
         short_side=args.short_side,
         keyframe_interval=args.keyframe_interval,
+        bframes=args.bframes,
         fps=args.fps,
         workers=args.workers,
     )

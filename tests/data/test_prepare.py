@@ -100,7 +100,9 @@ def test_kinetics_list_is_recognised(tmp_path, make_video):
     assert (tmp_path / "dst" / "prepared.csv").read_text() == "path,label\nabseiling/abc_000001_000011.mp4,abseiling\n"
 
 
-@pytest.mark.parametrize("kwargs", [{"short_side": 33}, {"keyframe_interval": 0}, {"fps": 0}, {"workers": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"short_side": 33}, {"keyframe_interval": 0}, {"bframes": 17}, {"fps": 0}, {"workers": 0}]
+)
 def test_bad_settings_are_refused(class_tree, tmp_path, kwargs):
     with pytest.raises(ValueError):
         prepare_videos(class_tree, tmp_path / "dst", progress=False, **kwargs)
@@ -124,3 +126,23 @@ def test_cli_refuses_a_bad_fps(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "prepare", str(tmp_path), str(tmp_path / "dst"), "--fps", "fast"])
     assert exit_info.value.code == 2 and "--fps" in capsys.readouterr().err
+
+
+def non_reference_frames(path: Path) -> int:
+    """Frames no other frame refers to: those PyAV's decoder drops when told to skip non-reference frames."""
+    with av.open(str(path)) as container:
+        every = sum(1 for _ in container.decode(container.streams.video[0]))
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.skip_frame = "NONREF"
+        return every - sum(1 for _ in container.decode(stream))
+
+
+@pytest.mark.parametrize("bframes", [7, 0])
+def test_bframes_makes_the_frames_between_references_skippable(class_tree, tmp_path, bframes):
+    dst = tmp_path / "dst"
+    prepare_videos(class_tree, dst, short_side=32, keyframe_interval=8, bframes=bframes, progress=False)
+    width, height, frames, keys, _ = probe(dst / "cat" / "one.mp4")
+    assert (frames, keys) == (40, [0, 8, 16, 24, 32])
+    # With 7, a group of 8 is an I frame, 6 B-frames and the P frame that closes it; with 0, all are references.
+    assert non_reference_frames(dst / "cat" / "one.mp4") == (30 if bframes else 0)

@@ -150,14 +150,18 @@ def test_real_mp4_bigbuckbunny(bigbuckbunny):
 # ------------------------------------------------------------------------------------------------- seeking
 
 
-def encode_noise_video(path, num_frames, *, keyint, b_frames=3, open_gop=False, durations_ms=None):
+def encode_noise_video(
+    path, num_frames, *, keyint, b_frames=3, open_gop=False, durations_ms=None, fixed_b_frames=False
+):
     """An H.264 mp4 of moving noise (so every frame differs) with key frames every ``keyint`` frames exactly.
 
-    ``durations_ms`` gives each frame's display time, for a variable-frame-rate file (1 ms time base).
+    ``durations_ms`` gives each frame's display time, for a variable-frame-rate file (1 ms time base);
+    ``fixed_b_frames`` places ``b_frames`` non-reference B-frames between every two references.
     """
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
     params = f"keyint={keyint}:min-keyint={keyint}:scenecut=0" + (":open-gop=1" if open_gop else "")
+    params += ":b-pyramid=none:b-adapt=0" if fixed_b_frames else ""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=25, options={"bf": str(b_frames), "x264-params": params})
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
@@ -227,12 +231,52 @@ def test_seek_path_gives_the_frames_of_a_decode_from_the_start(tmp_path, kind, c
             assert np.array_equal(seeking, reference[indices])
     used, fell_back = seek_log(caplog)
     assert fell_back == []
+    assert len(used) == len(clips)
     if kind == "long GOP":
-        assert used == []  # one key frame: nothing to seek to, the file is decoded from its start
+        # One key frame: decoding starts at frame 0, but x264's non-reference B-frames before the run are not
+        # decoded.
+        assert used[0][0] < 82
     else:
-        assert len(used) == len(clips)
         # A 16-frame run late in the file decodes the run plus at most a group before it, not frames 0-65.
         assert used[0][0] < 16 + 12
+
+
+def reference_frames(path):
+    """Indices of the frames other frames refer to: those PyAV still outputs when told to skip the others."""
+    pts_of = [frame.pts for frame in _decoded(path, "DEFAULT")]
+    kept = {frame.pts for frame in _decoded(path, "NONREF")}
+    return {index for index, pts in enumerate(pts_of) if pts in kept}
+
+
+def _decoded(path, skip):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.skip_frame = skip
+        return list(container.decode(stream))
+
+
+def test_seek_path_decodes_only_the_references_and_the_wanted_frames(tmp_path, caplog):
+    # The layout `nlnet data prepare` writes: a key frame every 16 frames, 7 non-reference B-frames between two
+    # references. A clip sampling every 8th frame needs its frames and the references they are predicted from.
+    path = encode_noise_video(tmp_path / "v.mp4", 96, keyint=16, b_frames=7, fixed_b_frames=True)
+    reference = every_frame(path)
+    references = reference_frames(path)
+    # Per group of 16: the I frame, the P frame after 7 B-frames and the last frame (a closed group ends on a P).
+    assert references == {g + offset for g in range(0, 96, 16) for offset in (0, 8, 15)}
+    clips = [start + 8 * np.arange(8) for start in (0, 3, 21, 31)] + [np.array([60, 5, 61, 5])]
+    with caplog.at_level(logging.DEBUG, logger="nlnet.data.video"):
+        for indices in clips:
+            frames, _ = decode_frames(path, lambda n, indices=indices: indices)
+            assert np.array_equal(frames, reference[indices])
+    used, fell_back = seek_log(caplog)
+    assert fell_back == [] and len(used) == len(clips)
+    for (decoded, seeks), indices in zip(used[:4], clips[:4], strict=True):
+        # One seek, to the key frame at or before the first frame; then every reference up to the last frame
+        # and the wanted frames between (frames come out in presentation order up to the last wanted one).
+        key = indices.min() // 16 * 16
+        needed = (references | set(indices.tolist())) & set(range(key, indices.max() + 1))
+        assert (decoded, seeks) == (len(needed), 1)
+        assert decoded < (indices.max() - key + 1) / 2
 
 
 def test_open_gop_key_frames_are_not_seek_targets(tmp_path, caplog):
