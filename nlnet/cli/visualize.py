@@ -107,10 +107,10 @@ def _draw_builtin_attention(args: argparse.Namespace) -> int:
         overrides=args.overrides,
     )
     print(
-        f"{report.block}: over {report.clips} test clips, the top key of a query at the cue lies on the "
-        f"object the label depends on in {report.on_target:.1%} (a random key: {report.chance:.1%}); "
-        f"on the {report.multi_object_clips} clips with several objects {report.on_target_multi:.1%} "
-        f"(random: {report.chance_multi:.1%}); accuracy {report.accuracy:.1%}"
+        f"{report.block}: a query on the cue gives the object of its colour more attention than any other object "
+        f"on {report.object_choice:.1%} of the {report.multi_object_clips} test clips with several objects (an "
+        f"object at random: {report.object_chance:.1%}); over all {report.clips} clips its top key lies on that "
+        f"object in {report.on_target:.1%} (a random key: {report.chance:.1%}); accuracy {report.accuracy:.1%}"
     )
     print(f"wrote {args.out} (test clip {report.figure_index}, {report.figure_objects} objects)")
     return 0

@@ -77,9 +77,11 @@ def demo(
         report = builtin_attention_figure(runs["nl_c2d"]["checkpoint"], out / "attention.png")
         lines += [
             "",
-            f"Attention ({report.block}, {out / 'attention.png'}): for a query on the colour cue, the strongest "
-            f"key lies on the object of that colour in {100 * report.on_target:.0f} % of {report.clips} test "
-            f"clips (a random key: {100 * report.chance:.0f} %).",
+            f"Attention ({report.block}, {out / 'attention.png'}): a query on the colour cue gives the object of "
+            f"that colour more attention than any other object on {100 * report.object_choice:.0f} % of the "
+            f"{report.multi_object_clips} test clips with several objects (an object at random: "
+            f"{100 * report.object_chance:.0f} %); its single strongest key lies on that object in "
+            f"{100 * report.on_target:.0f} % of {report.clips} clips (a random key: {100 * report.chance:.0f} %).",
         ]
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,13 +126,13 @@ def demo_seeds(
         seed: (
             100 * result["runs"]["c2d"]["top1"],
             100 * result["runs"]["nl_c2d"]["top1"],
-            100 * result["figure"].on_target,
+            100 * result["figure"].object_choice,
         )
         for seed, result in results.items()
     }
     columns = list(zip(*rows.values(), strict=True))
     lines = [
-        "| seed | C2D top-1 (%) | NL C2D top-1 (%) | attention on target (%) |",
+        "| seed | C2D top-1 (%) | NL C2D top-1 (%) | cue attends most to the target (%) |",
         "|---|---|---|---|",
         *(f"| {seed} | {c2d:.1f} | {nl:.1f} | {hit:.0f} |" for seed, (c2d, nl, hit) in rows.items()),
         "| mean | " + " | ".join(f"{sum(c) / len(c):.1f}" for c in columns) + " |",

@@ -1,7 +1,13 @@
 """The built-in set's attention report: does the cue's query look at the object the label depends on?
 
-``nlnet.data.builtin`` draws clips whose label is the shape of the object wearing a colour cue shown earlier;
-the report measures how often a cue query's strongest key lies on that object and draws one such clip.
+``nlnet.data.builtin`` draws clips whose label is the shape of the object wearing a colour cue shown earlier.
+The report asks two questions of a query on the cue, over the test clips, and draws one clip:
+
+- which object does it attend to? The attention weights of the key cells over each object are summed, and on
+  clips with several objects the report counts how often the object of the cue's colour gets the most (a
+  query that ignored colour would pick it 1 time in k);
+- is its single strongest key on that object? A stricter reading: the strongest key is often a cue cell (the
+  query's own colour, which carries nothing new) or a cell the object only half covers.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ class BuiltinAttentionReport:
         multi_object_clips: clips with more than one object (where the cue must pick one among others).
         on_target_multi: ``on_target`` over those clips (NaN without any).
         chance_multi: ``chance`` over those clips.
+        object_choice: over those clips, the fraction in which the object of the cue's colour gets more of the
+            query's attention (summed over the key cells that cover it) than any other object (NaN without any).
+        object_chance: the same for an object picked at random: the mean of 1 / objects over those clips.
         figure_index: the test clip drawn: among the clips classified correctly with the top key on target,
             the first with the most objects (else the first clip).
         figure_objects: objects in that clip.
@@ -53,6 +62,8 @@ class BuiltinAttentionReport:
     multi_object_clips: int
     on_target_multi: float
     chance_multi: float
+    object_choice: float
+    object_chance: float
     figure_index: int
     figure_objects: int
 
@@ -102,7 +113,7 @@ def builtin_attention_figure(
     records = build_dataset(recipe.data, "test").records[:max_clips]
     scenes = load_scenes(folder, "test")[: len(records)]
     name = block
-    hits, chance, correct, objects = [], [], [], []
+    hits, chance, correct, objects, choices = [], [], [], [], []
     best, first = None, None
     to_shown = _builtin_to_shown(generator.size, int(recipe.data.test_scale), int(recipe.data.test_crop))
     for index, (record, scene) in enumerate(zip(records, scenes, strict=True)):
@@ -112,6 +123,7 @@ def builtin_attention_figure(
         chance.append(clip.chance)
         correct.append(clip.correct)
         objects.append(len(scene.objects))
+        choices.append(clip.object_choice)
         if first is None:
             first = (index, clip.amap, clip.frames)
         # The clip drawn: right and on target, with as many distractor objects as any such clip has.
@@ -129,6 +141,8 @@ def builtin_attention_figure(
         multi_object_clips=len(multi),
         on_target_multi=float(np.mean([hits[i] for i in multi])) if multi else float("nan"),
         chance_multi=float(np.mean([chance[i] for i in multi])) if multi else float("nan"),
+        object_choice=float(np.mean([choices[i] for i in multi])) if multi else float("nan"),
+        object_chance=float(np.mean([1 / objects[i] for i in multi])) if multi else float("nan"),
         figure_index=figure_index,
         figure_objects=objects[figure_index],
     )
@@ -143,6 +157,7 @@ class _ClipResult:
     on_target: bool
     chance: float
     correct: bool
+    object_choice: bool  # the target gets more attention than any other object (True with one object)
 
 
 def _examine_clip(
@@ -165,7 +180,15 @@ def _examine_clip(
         on_target=bool(covers.ravel()[int(amap.weights.argmax())]),
         chance=float(covers.mean()),
         correct=predicted == record.labels[0],
+        object_choice=_attends_most_to(amap, scene.objects, target, cue_frames, to_shown),
     )
+
+
+def _attends_most_to(amap: AttentionMap, objects, target, cue_frames: int, to_shown) -> bool:
+    """Whether ``target`` gets more attention than every other object: the weights of the cells covering each."""
+    mass = [float(amap.weights[_covers_object(amap, obj, cue_frames, to_shown)].sum()) for obj in objects]
+    chosen = objects.index(target)
+    return all(mass[chosen] > other for i, other in enumerate(mass) if i != chosen)
 
 
 def _builtin_to_shown(size: int, test_scale: int, test_crop: int):

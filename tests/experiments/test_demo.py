@@ -71,7 +71,7 @@ def test_demo_over_seeds_tabulates_each_seed_with_mean_and_min(tmp_path, toy, ca
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert list(rows) == ["3", "4", "mean", "min", "max"]
     nl = [100 * result["seeds"][seed]["runs"]["nl_c2d"]["top1"] for seed in (3, 4)]
-    hits = [100 * result["seeds"][seed]["figure"].on_target for seed in (3, 4)]
+    hits = [100 * result["seeds"][seed]["figure"].object_choice for seed in (3, 4)]
     assert rows["3"].endswith(f"| {nl[0]:.1f} | {hits[0]:.0f} |")
     assert rows["mean"].split(" | ")[2] == f"{(nl[0] + nl[1]) / 2:.1f}"
     assert rows["min"].split(" | ")[2] == f"{min(nl):.1f}"

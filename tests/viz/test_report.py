@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from nlnet.data.builtin import SceneObject
 from nlnet.engine import save_checkpoint
 from nlnet.models import nonlocal_blocks
 from nlnet.viz import AttentionMap, load_model
-from nlnet.viz.report import _builtin_to_shown, _covers_object
+from nlnet.viz.report import _attends_most_to, _builtin_to_shown, _covers_object
 
 RECIPE = "builtin_nl_c2d"
 
@@ -52,6 +53,25 @@ def test_keys_covering_the_target_object():
     assert _builtin_to_shown(32, 64, 48)(20.0) == pytest.approx(32.5)
 
 
+def test_the_object_with_the_most_attention_is_counted_whatever_the_top_key():
+    # The (4, 2, 2) grid above: cue in frames 0..3 (key slices 0, 1), objects in frames 4..7 (slices 2, 3).
+    # The target sits in the bottom-left key column, a distractor in the top-right one.
+    amap = key_grid_map((2.0, 16.0, 16.0), (4, 2, 2), 8, 32)
+    identity = _builtin_to_shown(32, 32, 32)
+    target = SceneObject(shape=0, colour=0, quadrant=2, centre=(20.0, 6.0), velocity=(0.0, 0.0), radius=5.0)
+    other = SceneObject(shape=1, colour=1, quadrant=1, centre=(6.0, 24.0), velocity=(0.0, 0.0), radius=5.0)
+    weights = np.zeros((4, 2, 2))
+    weights[0, 0, 0] = 0.5  # the strongest key is a cue cell
+    weights[2, 1, 0] = weights[3, 1, 0] = 0.15  # 0.3 on the target's two cells
+    weights[2, 0, 1] = 0.2  # 0.2 on the distractor's: less than the target's sum, more than either target cell
+    amap = dataclasses.replace(amap, weights=weights)
+    assert _attends_most_to(amap, [other, target], target, 4, identity)
+    assert not _attends_most_to(amap, [other, target], other, 4, identity)
+    assert _attends_most_to(amap, [target], target, 4, identity)  # alone, it is the one attended to
+    weights[3, 0, 1] = 0.1  # now 0.3 each: a tie is no choice
+    assert not _attends_most_to(dataclasses.replace(amap, weights=weights), [other, target], target, 4, identity)
+
+
 def test_builtin_command_on_a_small_set_with_the_builtin_recipe(tmp_path, capsys):
     # The make-run recipe (tiny C2D, one non-local block in res3) on a 2 + 4 clip set. The checkpoint holds
     # weights only, so the recipe comes from --config with data.format: builtin, which is resolved into the
@@ -66,7 +86,7 @@ def test_builtin_command_on_a_small_set_with_the_builtin_recipe(tmp_path, capsys
                  "--out", str(png), *overrides]) == 0
     printed = capsys.readouterr().out
     (block,) = nonlocal_blocks(model)  # the recipe's one block, the figure's default (the last one)
-    assert f"{block}: over 4 test clips" in printed and "a random key" in printed
+    assert f"{block}: a query on the cue" in printed and "over all 4 clips" in printed and "a random key" in printed
     with Image.open(png) as image:
         # res3 of this model keeps 4 of the 8 frames (2 frames a key slice): 4 panels of 240 x 240 + title.
         assert image.size == (4 * 240, 240 + 40)
