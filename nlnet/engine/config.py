@@ -96,6 +96,9 @@ DEFAULTS: dict[str, Any] = {
         # Decode every training video once, before the first epoch, and cut all training clips from the kept
         # uint8 frames (nlnet.data.cache: same clips, memory = the decoded set); for small sets of short videos.
         "cache_decoded": False,
+        # Processes for that one decode (null: train.num_workers). The training loader keeps train.num_workers:
+        # once the frames are in memory, cutting a small clip can cost less than sending it from a worker.
+        "cache_workers": None,
     },
     "train": {
         # Global batch (all processes together); each process takes batch_size / world_size clips.

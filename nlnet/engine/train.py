@@ -152,7 +152,9 @@ class _Run:
         if cfg.data.cache_decoded:
             from nlnet.data.cache import cache_decoded
 
-            decoded = cache_decoded(self.dataset, num_workers=int(train_cfg.num_workers), progress=ctx.is_main)
+            workers = cfg.data.cache_workers
+            workers = int(train_cfg.num_workers if workers is None else workers)
+            decoded = cache_decoded(self.dataset, num_workers=workers, progress=ctx.is_main)
         self.iters_per_epoch = len(self.dataset) // int(train_cfg.batch_size)
         if self.iters_per_epoch < 1:
             raise ValueError(

@@ -210,10 +210,15 @@ def test_write_builtin_rejects_empty_splits(tmp_path):
         write_builtin(tmp_path, num_train=0, num_test=1)
 
 
-def test_same_seed_gives_byte_identical_mp4_files(tmp_path):
+def test_same_seed_gives_byte_identical_files_in_one_process_or_several(tmp_path):
     # x264's macroblock tree made about 1 % of repeated encodes differ; the encoder now runs without it.
     config = BuiltinConfig()
-    first = write_builtin(tmp_path / "a", num_train=4, num_test=2, seed=5, config=config)
-    second = write_builtin(tmp_path / "b", num_train=4, num_test=2, seed=5, config=config)
-    for name in sorted(p.relative_to(first) for p in first.rglob("*.mp4")):
+    first = write_builtin(tmp_path / "a", num_train=4, num_test=2, seed=5, config=config, workers=1)
+    second = write_builtin(tmp_path / "b", num_train=4, num_test=2, seed=5, config=config, workers=3)
+    names = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert len([name for name in names if name.suffix == ".mp4"]) == 6
+    assert names == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    for name in names:
         assert (second / name).read_bytes() == (first / name).read_bytes()
+    with pytest.raises(ValueError, match="workers"):
+        write_builtin(tmp_path / "c", num_train=1, num_test=1, workers=0)
