@@ -18,9 +18,9 @@ def test_format_ablation_by_hand():
         "| model | params | built-in top-1 (%) | paper top-1 (%) |",
         "|---|---|---|---|",
         "| baseline | 1,234 | 60.0 (50.0-70.0, 2 seeds) | 71.8 |",
-        "| 1 block (res4) ~ 1-block | 2,000 | 60.0 (1 of 2 seeds) | 72.7 |",
-        "| 2 blocks (res3, res4) ~ 5-block | | not run | 73.8 |",
-        "| 4 blocks (res2-res5) ~ 10-block | | not run | 74.3 |",
+        "| 1 block (res3) ~ 1-block | 2,000 | 60.0 (1 of 2 seeds) | 72.7 |",
+        "| 2 blocks (res3, res4; keys not pooled) ~ 5-block | | not run | 73.8 |",
+        "| 4 blocks (res2-res5; keys not pooled) ~ 10-block | | not run | 74.3 |",
     ]
 
 

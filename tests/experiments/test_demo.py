@@ -13,6 +13,8 @@ import torch
 
 from nlnet.cli import main
 from nlnet.experiments import ABLATION_AXES, ablate, demo, demo_seeds
+from nlnet.layers import NonLocalBlock
+from nlnet.viz.files import load_model
 
 TOY = [
     "data.builtin.num_train=16",
@@ -56,10 +58,12 @@ def test_demo_and_ablation_end_to_end(tmp_path, toy, capsys):
     for label in ("space-only", "time-only", "spacetime"):
         assert f"| {label} |" in table
     assert "not run" not in table
-    # The ablation's single-block lines keep the paper's res4 placement, whatever the demo recipe uses.
-    spacetime = torch.load(document["runs"]["nl_c2d_s0"]["checkpoint"], weights_only=True)["model"]
-    placed = {key.split(".")[0] for key in spacetime if "nonlocal_block" in key}
-    assert placed == {"res4"}
+    # The ablation's base network is the demo's: one block in res3 whose keys are max-pooled 1x2x2, and the
+    # extent lines change only the extent (a time-only block pools no space, as it attends to one place).
+    for run, kernel in (("nl_c2d", (1, 2, 2)), ("space", (1, 2, 2)), ("time", None)):
+        model, _ = load_model(document["runs"][f"{run}_s0"]["checkpoint"])
+        blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, NonLocalBlock)]
+        assert [(name.split(".")[0], m.pool_kernel) for name, m in blocks] == [("res3", kernel)]
     with pytest.raises(ValueError, match="axes must be"):
         ablate(tmp_path / "ablation", axes=["depth"], overrides=toy)
 
