@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 
 from nlnet.engine.builtin import DEFAULT_CONFIG, resolve_builtin
 from nlnet.engine.config import complete_config, load_config
+from nlnet.experiments.demo import _placement
 from nlnet.experiments.runs import set_threads, train_and_test
+from nlnet.models.registry import _DEFAULTS as MODEL_DEFAULTS
 from nlnet.utils.io import atomic_write
 
 __all__ = ["ABLATION_AXES", "ABLATION_RUNS", "AblationRow", "ablate", "format_ablation"]
@@ -221,15 +223,18 @@ def ablate(
     base = resolve_builtin(load_config(config, overrides))
     set_threads(base, device)
     runs = list(dict.fromkeys(row.run for axis in axes for row in ABLATION_AXES[axis][1]))
+    pool = base.model.overrides.get("nonlocal_pool", MODEL_DEFAULTS["nonlocal_pool"])
+    keys = "keys not pooled" if pool is None else f"keys max-pooled {'x'.join(map(str, pool))}"
     header = (
         f"Table 2 in miniature on the built-in set ({base.data.builtin.num_train} training clips, "
         f"{base.data.builtin.num_test} held-out test videos, {base.data.test_clips} clip(s) x "
         f"{base.data.test_crops} crop(s) per video). The base network is {base.model.name} with one residual "
-        f"block per stage, width {base.model.overrides.get('base_width')} and one non-local block in res3 (keys "
-        f"max-pooled 1x2x2; lines with a block in res4 or res5 do not pool); each "
-        f"line changes only what it names. Every network is trained {base.train.max_iter} iterations "
-        f"of {base.train.batch_size} clips ({base.train.optimizer}, {base.train.schedule}, lr "
-        f"{base.train.base_lr}); seeds {list(range(seeds))}. Paper: Kinetics-400 validation top-1."
+        f"block per stage, width {base.model.overrides.get('base_width')} and non-local blocks "
+        f"{_placement(base.model.overrides.get('nonlocal_blocks'))} ({keys}; lines with a block in res4 or res5 "
+        "do not pool); each line changes only what it names. Every network is trained "
+        f"{base.train.max_iter} iterations of {base.train.batch_size} clips ({base.train.optimizer}, "
+        f"{base.train.schedule}, lr {base.train.base_lr}); seeds {list(range(seeds))}. "
+        "Paper: Kinetics-400 validation top-1."
     )
     state = _Ablation(out, axes, list(range(seeds)), header)
     saved = out / "ablation.json"
