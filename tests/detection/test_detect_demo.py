@@ -84,7 +84,7 @@ def test_context_recipes_load_and_clip_must_be_positive() -> None:
 
     for recipe in ("detection/context_maskrcnn_r50", "detection/context_keypointrcnn_r50"):
         cfg = detection.load_config(recipe)
-        assert cfg.data.format == "context" and cfg.train.clip_grad_norm == 5.0
+        assert cfg.data.format == "context" and cfg.train.clip_grad_norm == 10.0
     with pytest.raises(ValueError, match="clip_grad_norm must be > 0"):
         detection.load_config("detection/context_maskrcnn_r50", ["train.clip_grad_norm=0"])
     with pytest.raises(ValueError, match="'shapes', 'context' or 'coco'"):
