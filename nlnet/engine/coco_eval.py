@@ -2,7 +2,9 @@
 
 :func:`evaluate` runs a detector over a :class:`~nlnet.data.coco.CocoDetection` set (each process its share
 under ``torchrun``), writes the detections in COCO's results format (:func:`predictions_to_coco`) and scores
-them with ``COCOeval`` (:func:`coco_evaluate`: bbox, segm, keypoints).
+them with ``COCOeval`` (:func:`coco_evaluate`: bbox, segm, keypoints). On a set of several categories it
+also says how much of the box AP is lost to the class alone (:func:`class_report`): the box AP with every
+category merged into one, and how often the best box on an object names the right category.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from nlnet.data.coco import CocoDetection, collate_detection
 from nlnet.engine.distributed import DistContext, all_gather_objects
 from nlnet.engine.sampler import ResumableSampler
 
-__all__ = ["STAT_NAMES", "coco_evaluate", "evaluate", "predictions_to_coco"]
+__all__ = ["STAT_NAMES", "class_report", "coco_evaluate", "evaluate", "predictions_to_coco"]
 
 STAT_NAMES = {
     "bbox": ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"],
@@ -108,20 +110,7 @@ def coco_evaluate(
     for iou_type, detections in results.items():
         if iou_type not in STAT_NAMES:
             raise ValueError(f"IoU type must be one of {list(STAT_NAMES)}, got {iou_type!r}")
-        if detections:
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco_dt = coco_gt.loadRes(list(detections))
-        else:
-            # loadRes cannot take an empty list; an empty result set scores 0 wherever there is ground truth
-            coco_dt = COCO()
-            coco_dt.dataset = {
-                "images": coco_gt.dataset["images"],
-                "categories": coco_gt.dataset["categories"],
-            }
-            coco_dt.dataset["annotations"] = []
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco_dt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        evaluator = COCOeval(coco_gt, _load_results(coco_gt, detections), iouType=iou_type)
         evaluator.params.imgIds = sorted(int(i) for i in image_ids)
         if iou_type == "keypoints" and kpt_oks_sigmas is not None:
             evaluator.params.kpt_oks_sigmas = np.asarray(kpt_oks_sigmas, dtype=np.float64)
@@ -137,6 +126,76 @@ def coco_evaluate(
             name: float(v) for name, v in zip(STAT_NAMES[iou_type], evaluator.stats, strict=True)
         }
     return metrics
+
+
+def class_report(
+    coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Sequence[int], *, iou: float = 0.5
+) -> dict[str, float | None]:
+    """How far the class alone keeps box detections from the ground truth.
+
+    Args:
+        coco_gt: the ground truth.
+        detections: box detections in COCO's results format.
+        image_ids: the images evaluated.
+        iou: the overlap at which a box counts as on an object.
+
+    Returns:
+        {"agnostic_AP", "agnostic_AR100"}: COCOeval's box AP@[.5:.95] and AR@100 with the categories ignored
+        (``params.useCats = 0``); {"found"}: the share of ground-truth objects (not crowds) that some box overlaps
+        by ``iou`` or more; {"right_class"}: among those, the share whose highest-scoring such box has the
+        object's category (None when none is found). A detector that finds the objects but guesses among C
+        classes has a high agnostic AP and a right class near 1/C.
+    """
+    evaluator = COCOeval(coco_gt, _load_results(coco_gt, detections), iouType="bbox")
+    evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+    evaluator.params.useCats = 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for detection in detections:
+        by_image.setdefault(int(detection["image_id"]), []).append(detection)
+    objects = found = right = 0
+    for image_id in image_ids:
+        truths = [a for a in coco_gt.imgToAnns.get(int(image_id), []) if not a.get("iscrowd", 0)]
+        boxes = by_image.get(int(image_id), [])
+        objects += len(truths)
+        if not truths or not boxes:
+            continue
+        overlaps = mask_utils.iou(
+            [b["bbox"] for b in boxes], [t["bbox"] for t in truths], [0] * len(truths)
+        )  # (boxes, truths)
+        scores = np.array([b["score"] for b in boxes])
+        for column, truth in enumerate(truths):
+            on_object = np.flatnonzero(overlaps[:, column] >= iou)
+            if on_object.size:
+                found += 1
+                best = on_object[np.argmax(scores[on_object])]
+                right += boxes[best]["category_id"] == truth["category_id"]
+    return {
+        "agnostic_AP": float(evaluator.stats[0]),
+        "agnostic_AR100": float(evaluator.stats[8]),
+        "found": found / objects if objects else None,
+        "right_class": right / found if found else None,
+    }
+
+
+def _load_results(coco_gt: COCO, detections: Sequence[dict[str, Any]]) -> COCO:
+    """The detections as a COCO object over the ground truth's images and categories."""
+    if detections:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return coco_gt.loadRes(list(detections))
+    # loadRes cannot take an empty list; an empty result set scores 0 wherever there is ground truth
+    coco_dt = COCO()
+    coco_dt.dataset = {
+        "images": coco_gt.dataset["images"],
+        "categories": coco_gt.dataset["categories"],
+        "annotations": [],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt.createIndex()
+    return coco_dt
 
 
 @torch.no_grad()
@@ -164,7 +223,8 @@ def evaluate(
         verbose: print the COCOeval tables.
 
     Returns:
-        {"metrics": {iou_type: {stat: value}}, "num_images": images evaluated, "unreadable": ids skipped}.
+        {"metrics": {iou_type: {stat: value}}, "num_images": images evaluated, "unreadable": ids skipped};
+        with several categories "metrics" also holds "classes" (:func:`class_report`).
         Processes other than the main one get an empty "metrics".
     """
     if dataset.task == "keypoints" and kpt_oks_sigmas is None and len(dataset.keypoint_names) != 17:
@@ -218,4 +278,6 @@ def evaluate(
         for iou_type, entries in merged.items():
             (out / f"detections_{iou_type}.json").write_text(json.dumps(entries), encoding="utf-8")
     metrics = coco_evaluate(dataset.coco, merged, all_ids, kpt_oks_sigmas=kpt_oks_sigmas, verbose=verbose)
+    if len(dataset.category_ids) > 1:
+        metrics["classes"] = class_report(dataset.coco, merged["bbox"], all_ids)
     return {"metrics": metrics, "num_images": len(all_ids), "unreadable": sorted(all_unreadable)}

@@ -57,7 +57,9 @@ def detect_demo(
 
     Returns:
         {"task", "rows": [{"seed", "variant", "box_ap", "second_ap", "train_s", "checkpoint"}], "table"}; APs are
-        COCO's AP@[.5:.95] in percent.
+        COCO's AP@[.5:.95] in percent. Instance rows also hold "agnostic_ap" and "right_class" (percent, from
+        `nlnet.engine.coco_eval.class_report`): the box AP with the classes merged, and how often the best box
+        on an object names its class (chance: 1 in 3 here).
     """
     if task not in DEMO_RECIPES:
         raise ValueError(f"task must be one of {sorted(DEMO_RECIPES)}, got {task!r}")
@@ -75,16 +77,19 @@ def detect_demo(
             start = time.perf_counter()
             result = detection.train(cfg, resume=True, device=device)
             metrics = result["metrics"]
-            rows.append(
-                {
-                    "seed": seed,
-                    "variant": variant,
-                    "box_ap": 100 * float(metrics["bbox"]["AP"]),
-                    "second_ap": 100 * float(metrics[second_key]["AP"]),
-                    "train_s": time.perf_counter() - start,
-                    "checkpoint": result["checkpoint"],
-                }
-            )
+            row = {
+                "seed": seed,
+                "variant": variant,
+                "box_ap": 100 * float(metrics["bbox"]["AP"]),
+                "second_ap": 100 * float(metrics[second_key]["AP"]),
+                "train_s": time.perf_counter() - start,
+                "checkpoint": result["checkpoint"],
+            }
+            if "classes" in metrics:  # several categories: is the class the problem?
+                classes = metrics["classes"]
+                row["agnostic_ap"] = 100 * float(classes["agnostic_AP"])
+                row["right_class"] = 100 * float(classes["right_class"] or 0.0)
+            rows.append(row)
     table = format_detect_demo(task, rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{task}_results.md").write_text(table + "\n", encoding="utf-8")
@@ -100,6 +105,8 @@ def _mean_std(values: Sequence[float]) -> str:
 def format_detect_demo(task: str, rows: Sequence[dict[str, Any]]) -> str:
     """The markdown table of :func:`detect_demo`: per seed, AP without and with the blocks and the gain.
 
+    When every row has "agnostic_ap" and "right_class" (instances), four more columns show them for both.
+
     Args:
         task: "instances" or "keypoints" (names the second AP column).
         rows: :func:`detect_demo`'s rows, one "nl" and one "base" per seed.
@@ -108,11 +115,14 @@ def format_detect_demo(task: str, rows: Sequence[dict[str, Any]]) -> str:
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for row in rows:
         by_seed.setdefault(int(row["seed"]), {})[row["variant"]] = row
+    with_classes = all("right_class" in row for row in rows)
+    extra = " class-agnostic box AP | + NL | right class % | + NL |" if with_classes else ""
     lines = [
-        f"| seed | box AP | box AP + NL | gain | {label} | {label} + NL | gain | train s (base / NL) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| seed | box AP | box AP + NL | gain | {label} | {label} + NL | gain |{extra} train s (base / NL) |",
+        "|---|---|---|---|---|---|---|" + "---|" * (4 * with_classes) + "---|",
     ]
-    columns: dict[str, list[float]] = {k: [] for k in ("b", "bn", "bg", "s", "sn", "sg")}
+    keys = ["b", "bn", "bg", "s", "sn", "sg"] + (["a", "an", "r", "rn"] if with_classes else [])
+    columns: dict[str, list[float]] = {k: [] for k in keys}
     for seed, pair in sorted(by_seed.items()):
         if set(pair) != {"nl", "base"}:
             raise ValueError(f"seed {seed} needs one 'nl' and one 'base' row, got {sorted(pair)}")
@@ -125,6 +135,10 @@ def format_detect_demo(task: str, rows: Sequence[dict[str, Any]]) -> str:
             "sn": nl["second_ap"],
             "sg": nl["second_ap"] - base["second_ap"],
         }
+        if with_classes:
+            values.update(
+                a=base["agnostic_ap"], an=nl["agnostic_ap"], r=base["right_class"], rn=nl["right_class"]
+            )
         for key, value in values.items():
             columns[key].append(value)
         cells = " | ".join(f"{values[k]:+.1f}" if k.endswith("g") else f"{values[k]:.1f}" for k in columns)

@@ -46,13 +46,17 @@ def test_demo_trains_and_scores_both_variants(tmp_path, capsys, task: str, secon
         kernels = [k for k in state["model"] if "nonlocal_after_" in k and k.endswith(".theta.weight")]
         assert len(kernels) == expected_blocks
         results = json.loads((run / "results.json").read_text())
-        assert set(results["metrics"]) == {"bbox", second}
+        # the context instances have three classes, so the class report comes too; the kites have one
+        assert set(results["metrics"]) == ({"bbox", second, "classes"} if task == "instances" else {"bbox", second})
         assert state["config"]["seed"] == 0 and state["config"]["data"]["format"] == "context"
     # the table's numbers are the runs' COCOeval APs
     nl = json.loads((out / task / "seed0_nl" / "results.json").read_text())["metrics"]
     row = next(line for line in printed.splitlines() if line.startswith("| 0 |")).split("|")
     assert float(row[3]) == pytest.approx(100 * nl["bbox"]["AP"], abs=0.051)
     assert float(row[6]) == pytest.approx(100 * nl[second]["AP"], abs=0.051)
+    if task == "instances":
+        assert float(row[9]) == pytest.approx(100 * nl["classes"]["agnostic_AP"], abs=0.051)
+        assert float(row[11]) == pytest.approx(100 * (nl["classes"]["right_class"] or 0.0), abs=0.051)
     if task == "instances":
         image = tmp_path / "data" / "context_instances_val" / "000000.png"
         runs = {"NL": "seed0_nl", "base": "seed0_base"}
@@ -75,6 +79,12 @@ def test_table_has_per_seed_gains_and_mean_and_std() -> None:
     assert table[2] == "| 0 | 30.0 | 40.0 | +10.0 | 20.0 | 26.0 | +6.0 | 100 / 110 |"
     # gains 10 and 6: mean 8, sample std sqrt(8) = 2.83
     assert table[-1] == "| mean ± std | 32.0 ± 2.8 | 40.0 ± 0.0 | 8.0 ± 2.8 | 21.0 ± 1.4 | 28.0 ± 2.8 | 7.0 ± 1.4 | |"
+    for row, (agnostic, right) in zip(rows, ((60.0, 30.0), (61.0, 90.0), (62.0, 40.0), (63.0, 80.0)), strict=True):
+        row.update(agnostic_ap=agnostic, right_class=right)
+    table = format_detect_demo("instances", rows).splitlines()
+    assert table[0].endswith("| right class % | + NL | train s (base / NL) |")
+    assert table[2] == "| 0 | 30.0 | 40.0 | +10.0 | 20.0 | 26.0 | +6.0 | 60.0 | 61.0 | 30.0 | 90.0 | 100 / 110 |"
+    assert table[-1].endswith("| 61.0 ± 1.4 | 62.0 ± 1.4 | 35.0 ± 7.1 | 85.0 ± 7.1 | |")
     with pytest.raises(ValueError, match="needs one 'nl' and one 'base'"):
         format_detect_demo("keypoints", rows[:3])
 

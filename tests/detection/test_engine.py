@@ -155,6 +155,43 @@ def test_keypoint_ap_exact_and_far(tmp_path) -> None:
         coco_eval.evaluate(_FixedDetector({}), dataset, verbose=False)
 
 
+def test_class_report_by_hand() -> None:
+    """Image 1: objects A (class 1) and B (class 2); image 2: object C (class 1), never detected."""
+    from pycocotools.coco import COCO
+
+    boxes = {"A": [10.0, 10.0, 20.0, 20.0], "B": [50.0, 10.0, 20.0, 30.0], "C": [5.0, 5.0, 30.0, 30.0]}
+    truth = [("A", 1, 1), ("B", 1, 2), ("C", 2, 1)]
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": i, "height": 100, "width": 100} for i in (1, 2)],
+        "annotations": [
+            {"id": k, "image_id": image, "category_id": category, "bbox": boxes[name], "iscrowd": 0,
+             "area": boxes[name][2] * boxes[name][3]}
+            for k, (name, image, category) in enumerate(truth, start=1)
+        ],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    gt.createIndex()
+    detections = [
+        {"image_id": 1, "category_id": 2, "bbox": boxes["A"], "score": 0.9},  # on A, wrong class, best on A
+        {"image_id": 1, "category_id": 1, "bbox": boxes["A"], "score": 0.3},  # on A, right class, lower
+        {"image_id": 1, "category_id": 2, "bbox": boxes["B"], "score": 0.8},  # on B, right class
+        {"image_id": 1, "category_id": 1, "bbox": [80.0, 80.0, 10.0, 10.0], "score": 0.2},  # on nothing
+    ]
+    report = coco_eval.class_report(gt, detections, [1, 2])
+    assert report["found"] == pytest.approx(2 / 3)
+    assert report["right_class"] == pytest.approx(1 / 2)
+    # classes ignored: 0.9 and 0.8 hit A and B, 0.3 (a second box on A) and 0.2 miss; recall ends at 2/3 with
+    # precision 1 up to it, so 67 of COCO's 101 recall points (0, 0.01, ..., 0.66) score 1 at every IoU
+    assert report["agnostic_AP"] == pytest.approx(67 / 101)
+    assert report["agnostic_AR100"] == pytest.approx(2 / 3)
+    # with the classes, A's only right box ranks below B's: the two-class AP is lower
+    per_class = coco_eval.coco_evaluate(gt, {"bbox": detections}, [1, 2], verbose=False)["bbox"]["AP"]
+    assert per_class < report["agnostic_AP"]
+    empty = coco_eval.class_report(gt, [], [1, 2])
+    assert empty["found"] == 0.0 and empty["right_class"] is None and empty["agnostic_AP"] == 0.0
+
+
 def test_config_rejects_unknown_keys_and_mismatched_task(tmp_path) -> None:
     cfg = engine.load_config(None, ["train.max_iter=7", "model.overrides.min_size=99"])
     assert cfg.train.max_iter == 7 and cfg.model.overrides.min_size == 99
@@ -215,7 +252,8 @@ def test_cli_train_then_eval_on_the_builtin_set(tmp_path, capsys) -> None:
         "checkpoint_00000002.pt",
     ]
     trained = json.loads((run / "results.json").read_text())
-    assert set(trained["metrics"]) == {"bbox", "segm"} and len(trained["metrics"]["bbox"]) == 12
+    assert set(trained["metrics"]) == {"bbox", "segm", "classes"} and len(trained["metrics"]["bbox"]) == 12
+    assert set(trained["metrics"]["classes"]) == {"agnostic_AP", "agnostic_AR100", "found", "right_class"}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records if r["event"] == "train"] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in records if r["event"] == "train")
