@@ -229,8 +229,7 @@ def evaluate(
     """
     if dataset.task == "keypoints" and kpt_oks_sigmas is None and len(dataset.keypoint_names) != 17:
         raise ValueError(
-            f"keypoint AP needs one OKS sigma per keypoint: the set has {len(dataset.keypoint_names)} "
-            "keypoints, "
+            f"keypoint AP needs one OKS sigma per keypoint: the set has {len(dataset.keypoint_names)} keypoints, "
             "COCO's default sigmas are for 17; set data.kpt_oks_sigmas"
         )
     device = next(model.parameters()).device
@@ -254,10 +253,7 @@ def evaluate(
         image_ids.extend(t["image_id"] for t in targets)
     model.train(was_training)
     results = predictions_to_coco(outputs, image_ids, dataset.category_ids)
-    if dataset.task == "instances":
-        results.setdefault("segm", [])
-    else:
-        results.setdefault("keypoints", [])
+    results.setdefault("segm" if dataset.task == "instances" else "keypoints", [])  # scored even when empty
     gathered = all_gather_objects((results, image_ids, unreadable))
     if not ctx.is_main:
         return {"metrics": {}, "num_images": 0, "unreadable": []}
