@@ -7,7 +7,7 @@ Both families go through here, told apart by ``nlnet.models.available("detection
   ``nlnet.weights.create_pretrained``) and ``model.checkpoint`` (an nlnet checkpoint or a converted official
   model, loaded by name and shape);
 - detectors (``nlnet.engine.detection``'s schema): ``nlnet.models.create`` with the ``nonlocal_*``,
-  ``frozen_bn`` and ``trainable_backbone_layers`` keys, sized by the dataset (classes, keypoints) or by a
+  ``backbone_norm`` and ``trainable_backbone_layers`` keys, sized by the dataset (classes, keypoints) or by a
   trained state dict; then ``model.weights_backbone`` and ``model.weights`` (torchvision-format files).
 
 Every file is read with ``torch.load(weights_only=True)`` (``nlnet.engine.checkpoint.load_checkpoint``).
@@ -82,7 +82,8 @@ def build_network(
         nonlocal_backbone=bool(model_cfg.nonlocal_backbone),
         nonlocal_head=model_cfg.nonlocal_head,
         nonlocal_mode=model_cfg.nonlocal_mode,
-        frozen_bn=bool(model_cfg.frozen_bn),
+        nonlocal_norm=model_cfg.nonlocal_norm,
+        backbone_norm=model_cfg.backbone_norm,
         trainable_backbone_layers=model_cfg.trainable_backbone_layers,
         **overrides,
     )

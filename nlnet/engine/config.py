@@ -162,7 +162,11 @@ DETECTION_DEFAULTS: dict[str, Any] = {
         # null: on for the keypoint model, off (not allowed) for Mask R-CNN.
         "nonlocal_head": None,
         "nonlocal_mode": "embedded_gaussian",
-        "frozen_bn": False,
+        # "bn": BN after W_z, γ = 0 at the start (the paper); null: no norm, W_z = 0 at the start.
+        "nonlocal_norm": "bn",
+        # "bn" (batch statistics), "frozen_bn" (torchvision's choice with pre-trained weights) or "gn" (GroupNorm
+        # 32, for training from scratch with two images a step).
+        "backbone_norm": "bn",
         "trainable_backbone_layers": None,
         # A torchvision detector state dict (e.g. COCO-trained maskrcnn_resnet50_fpn) to start from.
         "weights": None,

@@ -16,11 +16,16 @@ is the last residual block), names do not: every original child keeps its name, 
 state dict loads key for key and reports only the ``nonlocal_after_*`` parameters as missing. The blocks start
 as the identity (BN with γ = 0), which is why a trained detector gives the same detections with them inserted.
 
-BN inside the block: torchvision freezes the backbone's BN when it starts from pre-trained weights, because
-two images per device give poor batch statistics. The block's own BN cannot be frozen — with γ = 0 fixed it
-would stay the identity for ever — so it is a plain ``nn.BatchNorm2d`` (batch statistics in training, running
-ones in evaluation). Its statistics are gathered over every position of every image in the batch (thousands at
-res4), which is enough. The paper does not say what it used.
+Norms. torchvision freezes the backbone's BN when it starts from pre-trained weights, because two images per
+device give poor batch statistics (``backbone_norm="frozen_bn"``). By default the block has its own BN after
+W_z, a plain ``nn.BatchNorm2d`` with γ = 0 (frozen at γ = 0 it would stay the identity for ever); the paper does
+not say what it used. Its statistics span every position of the batch, but for a feature of the whole image
+(and a non-local block's output is close to one) they span two images only, and BN turns the feature into its
+difference to the other image of the batch: in evaluation, with running statistics, the same image reads
+differently. ``nonlocal_norm=None`` drops that BN and starts W_z at zero, as the official video code does for
+its two-clips-a-GPU models; ``backbone_norm="gn"`` (GroupNorm, 32 groups) does the same for the backbone when it
+trains from scratch, as He et al. did (*Rethinking ImageNet Pre-training*, 2019). The built-in context recipe
+uses both; with BN in the backbone neither detector learnt the class there.
 """
 
 from __future__ import annotations
@@ -48,6 +53,13 @@ __all__ = [
 ]
 
 NONLOCAL_PREFIX = "nonlocal_after_"
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels)
+
+
+BACKBONE_NORMS = {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d, "gn": _group_norm}
 
 
 @dataclass(frozen=True)
@@ -106,7 +118,8 @@ def create(
     nonlocal_backbone: bool = True,
     nonlocal_head: bool | None = None,
     nonlocal_mode: str = "embedded_gaussian",
-    frozen_bn: bool = False,
+    nonlocal_norm: str | None = "bn",
+    backbone_norm: str = "bn",
     trainable_backbone_layers: int | None = None,
     **kwargs,
 ) -> MaskRCNN | KeypointRCNN:
@@ -123,9 +136,14 @@ def create(
         nonlocal_head: put four blocks in the keypoint head, one after every two convolutions; defaults to
             True for the keypoint model; True for a Mask R-CNN is a ValueError (the paper has no such model).
         nonlocal_mode: the block's pairwise function ("embedded_gaussian", "gaussian", "dot_product",
-            "concatenation"). Sub-sampling is the paper's 2x2 max-pool, the block's BN starts at γ = 0.
-        frozen_bn: use torchvision's ``FrozenBatchNorm2d`` in the backbone, as torchvision does when it starts
-            from pre-trained weights; plain trainable BN otherwise (training from scratch).
+            "concatenation"). Sub-sampling is the paper's 2x2 max-pool.
+        nonlocal_norm: "bn" for a BN after W_z that starts at γ = 0 (the paper); None for no norm and a W_z
+            that starts at zero (the official code's choice when BN is frozen and a device holds two clips).
+        backbone_norm: the backbone's normalisation: "bn", trainable BatchNorm2d with batch statistics;
+            "frozen_bn", torchvision's ``FrozenBatchNorm2d``, as torchvision has it when it starts from
+            pre-trained weights; "gn", GroupNorm with 32 groups, for training from scratch with a few images per
+            device (He et al., *Rethinking ImageNet Pre-training*, 2019), where batch statistics over two images
+            make every whole-image feature relative to the other image of the batch.
         trainable_backbone_layers: how many of torchvision's five backbone stages train (0-5); 3 with frozen
             BN, 5 otherwise, as in torchvision. The non-local blocks always train.
         **kwargs: passed to ``MaskRCNN``/``KeypointRCNN`` (``min_size``, ``max_size``, ``num_keypoints``,
@@ -143,8 +161,10 @@ def create(
         raise ValueError(
             f"nonlocal_head applies to the keypoint head; {name!r} has none (got nonlocal_head=True)"
         )
+    if backbone_norm not in BACKBONE_NORMS:
+        raise ValueError(f"backbone_norm must be one of {sorted(BACKBONE_NORMS)}, got {backbone_norm!r}")
     if trainable_backbone_layers is None:
-        trainable_backbone_layers = 3 if frozen_bn else 5
+        trainable_backbone_layers = 3 if backbone_norm == "frozen_bn" else 5
     if not 0 <= trainable_backbone_layers <= 5:
         raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
     if num_classes is None:
@@ -155,16 +175,16 @@ def create(
     backbone = resnet_fpn_backbone(
         backbone_name=f"resnet{spec.depth}",
         weights=None,
-        norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
+        norm_layer=BACKBONE_NORMS[backbone_norm],
         trainable_layers=trainable_backbone_layers,
     )
     detector_class = MaskRCNN if spec.kind == "mask" else KeypointRCNN
     model = detector_class(backbone, num_classes=num_classes, **kwargs)
 
     if nonlocal_backbone:
-        _add_backbone_block(model, spec, nonlocal_mode)
+        _add_backbone_block(model, spec, nonlocal_mode, nonlocal_norm)
     if nonlocal_head:
-        _add_keypoint_head_blocks(model, spec, nonlocal_mode)
+        _add_keypoint_head_blocks(model, spec, nonlocal_mode, nonlocal_norm)
     return model
 
 
@@ -274,17 +294,17 @@ def load_backbone_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
     return LoadReport(missing_nonlocal=missing_nonlocal, skipped_mismatched=[])
 
 
-def _add_backbone_block(model: MaskRCNN | KeypointRCNN, spec: DetectorPreset, mode: str) -> None:
+def _add_backbone_block(model: MaskRCNN | KeypointRCNN, spec: DetectorPreset, mode: str, norm: str | None) -> None:
     """Insert the preset's non-local block into res4 (torchvision's ``layer3``) of the backbone body."""
     body = model.backbone.body
     res4 = body["layer3"]
     if len(res4) != spec.res4_blocks:
         raise RuntimeError(f"torchvision's res4 has {len(res4)} blocks, the preset expects {spec.res4_blocks}")
     channels = res4[-1].conv3.out_channels
-    body["layer3"] = _insert_after(res4, {spec.backbone_nonlocal_after: _make_block(channels, mode)})
+    body["layer3"] = _insert_after(res4, {spec.backbone_nonlocal_after: _make_block(channels, mode, norm)})
 
 
-def _add_keypoint_head_blocks(model: KeypointRCNN, spec: DetectorPreset, mode: str) -> None:
+def _add_keypoint_head_blocks(model: KeypointRCNN, spec: DetectorPreset, mode: str, norm: str | None) -> None:
     """Insert the preset's non-local blocks into the keypoint head, each after the numbered convolution."""
     head = model.roi_heads.keypoint_head
     convs = [index for index, module in enumerate(head) if isinstance(module, nn.Conv2d)]
@@ -292,12 +312,12 @@ def _add_keypoint_head_blocks(model: KeypointRCNN, spec: DetectorPreset, mode: s
     for conv_number in spec.head_nonlocal_after_convs:
         conv_index = convs[conv_number - 1]
         # the block reads the conv's activated output, so it follows the ReLU right after the conv
-        blocks[conv_index + 1] = _make_block(head[conv_index].out_channels, mode)
+        blocks[conv_index + 1] = _make_block(head[conv_index].out_channels, mode, norm)
     model.roi_heads.keypoint_head = _insert_after(head, blocks)
 
 
-def _make_block(channels: int, mode: str) -> NonLocalBlock:
-    return NonLocalBlock(channels, dim=2, mode=mode, pool="default", norm="bn")
+def _make_block(channels: int, mode: str, norm: str | None) -> NonLocalBlock:
+    return NonLocalBlock(channels, dim=2, mode=mode, pool="default", norm=norm)
 
 
 def _is_nonlocal_key(key: str) -> bool:

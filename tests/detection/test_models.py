@@ -159,7 +159,7 @@ def test_trained_torchvision_detector_gives_the_same_detections_with_the_blocks(
 def test_imagenet_backbone_loads_into_the_nonlocal_variant() -> None:
     torch.manual_seed(0)
     imagenet = resnet50()
-    model = detection.create("maskrcnn_r50_fpn", num_classes=3, frozen_bn=True, **SMALL)
+    model = detection.create("maskrcnn_r50_fpn", num_classes=3, backbone_norm="frozen_bn", **SMALL)
     report = detection.load_backbone_state_dict(model, imagenet.state_dict())
     assert report.missing_nonlocal and all(".nonlocal_after_4." in k for k in report.missing_nonlocal)
     body = model.backbone.body
@@ -171,13 +171,49 @@ def test_imagenet_backbone_loads_into_the_nonlocal_variant() -> None:
 
 
 def test_frozen_backbone_bn_keeps_a_trainable_block_bn() -> None:
-    model = detection.create("maskrcnn_r50_fpn", num_classes=3, frozen_bn=True, trainable_backbone_layers=1)
+    model = detection.create(
+        "maskrcnn_r50_fpn", num_classes=3, backbone_norm="frozen_bn", trainable_backbone_layers=1
+    )
     body = model.backbone.body
     assert isinstance(body.layer3[0].bn1, FrozenBatchNorm2d)
     assert not body.layer3[0].conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
     block = detection.nonlocal_blocks(model)["backbone.body.layer3.nonlocal_after_4"]
     assert isinstance(block.norm, nn.BatchNorm2d)
     assert all(p.requires_grad for p in block.parameters())
+
+
+def test_group_norm_backbone_keeps_each_image_independent_of_its_batch_partner() -> None:
+    """Why the context recipe trains with GN: with batch statistics, a whole-image feature is relative.
+
+    In training mode, the features of image A next to image B differ from those of A next to C under BN, and
+    are the same under GN (and then equal A's in evaluation mode: nothing is gathered over the batch).
+    """
+    torch.manual_seed(0)
+    a, b, c = (torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3))
+    for norm, independent in (("bn", False), ("gn", True)):
+        body = detection.create(
+            "maskrcnn_r50_fpn", num_classes=3, backbone_norm=norm, nonlocal_norm=None, **SMALL
+        ).backbone.body
+        if norm == "gn":
+            assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in body.modules())
+            assert {m.num_groups for m in body.modules() if isinstance(m, nn.GroupNorm)} == {32}
+        with torch.no_grad():
+            next_to_b = body.train()(torch.cat([a, b]))["2"][:1]
+            next_to_c = body(torch.cat([a, c]))["2"][:1]
+            alone = body.eval()(a)["2"]
+        assert torch.allclose(next_to_b, next_to_c, atol=1e-4) is independent, norm
+        if independent:
+            torch.testing.assert_close(next_to_b, alone, atol=1e-4, rtol=1e-3)
+
+
+def test_block_without_norm_starts_as_the_identity_with_a_zero_w_z() -> None:
+    torch.manual_seed(0)
+    model = detection.create("maskrcnn_r50_fpn", num_classes=3, nonlocal_norm=None, **SMALL)
+    block = detection.nonlocal_blocks(model)["backbone.body.layer3.nonlocal_after_4"]
+    assert block.norm is None and torch.count_nonzero(block.out.weight) == 0
+    x = torch.randn(2, 1024, 6, 7)
+    torch.testing.assert_close(block.train()(x), x, rtol=0, atol=0)
+    assert not any("nonlocal" in k and ".norm." in k for k in model.state_dict())
 
 
 def test_mismatched_predictor_is_reported_or_skipped() -> None:
@@ -202,6 +238,8 @@ def test_bad_arguments_are_value_errors() -> None:
         detection.create("maskrcnn_r50_fpn", nonlocal_head=True)
     with pytest.raises(ValueError, match="trainable_backbone_layers"):
         detection.create("maskrcnn_r50_fpn", trainable_backbone_layers=6)
+    with pytest.raises(ValueError, match=r"backbone_norm must be one of \['bn', 'frozen_bn', 'gn'\], got 'syncbn'"):
+        detection.create("maskrcnn_r50_fpn", backbone_norm="syncbn")
     assert detection.available() == ["keypointrcnn_r50_fpn", "maskrcnn_r101_fpn", "maskrcnn_r50_fpn"]
 
 
