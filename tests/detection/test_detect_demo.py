@@ -54,6 +54,15 @@ def test_demo_trains_and_scores_both_variants(tmp_path, capsys, task: str, secon
     row = next(line for line in printed.splitlines() if line.startswith("| 0 |")).split("|")
     assert float(row[3]) == pytest.approx(100 * nl["bbox"]["AP"], abs=0.051)
     assert float(row[6]) == pytest.approx(100 * nl[second]["AP"], abs=0.051)
+    # the last column is each run's logged step time, which a second call (it only re-scores) prints again
+    logged = []
+    for variant in ("base", "nl"):
+        events = (out / task / f"seed0_{variant}" / "metrics.jsonl").read_text().splitlines()
+        logged.append(next(e["step_s"] for e in map(json.loads, events) if e["event"] == "train"))
+    assert row[-2].strip() == f"{logged[0]:.2f} / {logged[1]:.2f}"
+    assert main(["detect", "demo", "--task", task, "--seeds", "1", "--out-dir", str(out), *_tiny(tmp_path)]) == 0
+    again = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 |"))
+    assert again.split("|") == row
     if task == "instances":
         assert float(row[9]) == pytest.approx(100 * nl["classes"]["agnostic_AP"], abs=0.051)
         assert float(row[11]) == pytest.approx(100 * (nl["classes"]["right_class"] or 0.0), abs=0.051)
@@ -70,20 +79,20 @@ def test_demo_trains_and_scores_both_variants(tmp_path, capsys, task: str, secon
 
 def test_table_has_per_seed_gains_and_mean_and_std() -> None:
     rows = [
-        {"seed": 0, "variant": "base", "box_ap": 30.0, "second_ap": 20.0, "train_s": 100.0},
-        {"seed": 0, "variant": "nl", "box_ap": 40.0, "second_ap": 26.0, "train_s": 110.0},
-        {"seed": 1, "variant": "base", "box_ap": 34.0, "second_ap": 22.0, "train_s": 101.0},
-        {"seed": 1, "variant": "nl", "box_ap": 40.0, "second_ap": 30.0, "train_s": 111.0},
+        {"seed": 0, "variant": "base", "box_ap": 30.0, "second_ap": 20.0, "step_s": 1.5},
+        {"seed": 0, "variant": "nl", "box_ap": 40.0, "second_ap": 26.0, "step_s": 1.625},
+        {"seed": 1, "variant": "base", "box_ap": 34.0, "second_ap": 22.0, "step_s": 1.0},
+        {"seed": 1, "variant": "nl", "box_ap": 40.0, "second_ap": 30.0, "step_s": 1.25},
     ]
     table = format_detect_demo("instances", rows).splitlines()
-    assert table[2] == "| 0 | 30.0 | 40.0 | +10.0 | 20.0 | 26.0 | +6.0 | 100 / 110 |"
+    assert table[2] == "| 0 | 30.0 | 40.0 | +10.0 | 20.0 | 26.0 | +6.0 | 1.50 / 1.62 |"
     # gains 10 and 6: mean 8, sample std sqrt(8) = 2.83
     assert table[-1] == "| mean ± std | 32.0 ± 2.8 | 40.0 ± 0.0 | 8.0 ± 2.8 | 21.0 ± 1.4 | 28.0 ± 2.8 | 7.0 ± 1.4 | |"
     for row, (agnostic, right) in zip(rows, ((60.0, 30.0), (61.0, 90.0), (62.0, 40.0), (63.0, 80.0)), strict=True):
         row.update(agnostic_ap=agnostic, right_class=right)
     table = format_detect_demo("instances", rows).splitlines()
-    assert table[0].endswith("| right class % | + NL | train s (base / NL) |")
-    assert table[2] == "| 0 | 30.0 | 40.0 | +10.0 | 20.0 | 26.0 | +6.0 | 60.0 | 61.0 | 30.0 | 90.0 | 100 / 110 |"
+    assert table[0].endswith("| right class % | + NL | s / step (base / NL) |")
+    assert table[2] == "| 0 | 30.0 | 40.0 | +10.0 | 20.0 | 26.0 | +6.0 | 60.0 | 61.0 | 30.0 | 90.0 | 1.50 / 1.62 |"
     assert table[-1].endswith("| 61.0 ± 1.4 | 62.0 ± 1.4 | 35.0 ± 7.1 | 85.0 ± 7.1 | |")
     with pytest.raises(ValueError, match="needs one 'nl' and one 'base'"):
         format_detect_demo("keypoints", rows[:3])
