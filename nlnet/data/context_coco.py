@@ -42,34 +42,55 @@ from nlnet.data.coco import (
     write_set,
 )
 
-__all__ = ["CUE_COLOURS", "CUE_GAP", "CUE_ROWS", "cue_of_pixels", "draw_context_image", "make_context_coco"]
+__all__ = [
+    "CUE_COLOURS",
+    "CUE_GAP",
+    "CUE_ROWS",
+    "LAYOUTS",
+    "SIDE_GAP",
+    "cue_of_pixels",
+    "draw_context_image",
+    "make_context_coco",
+]
 
-CUE_ROWS = 12
+CUE_ROWS = 12  # the bar's thickness: rows of the top bar, columns of a side bar
 CUE_GAP = 40
+# Side layout: the objects start this far from the bar. ResNet-50's res5 sees 483 px, i.e. 241 px either side of
+# a position; with the RPN's 3x3 convolution on P5 the baseline's widest reach is about 275 px.
+SIDE_GAP = 340
+LAYOUTS = ("top", "side")
 # RGB of each cue; instances use all three (category i + 1 is CUE_NAMES[i]), keypoints the first and last
 CUE_NAMES = ("red", "green", "blue")
 CUE_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (50, 80, 230)}
 KEYPOINT_CUES = {"red": 0, "blue": 2}  # cue -> quarter turns from geometric corner to keypoint name
-_GENERATOR_VERSION = 2
+_GENERATOR_VERSION = 3
 
 
 def cue_of_pixels(image: np.ndarray) -> str:
-    """The cue's colour name read back from an (H, W, 3) uint8 image: the nearest cue to the bar's mean RGB."""
-    mean = image[:CUE_ROWS].reshape(-1, 3).astype(np.float64).mean(axis=0)
+    """The cue's colour name read back from an (H, W, 3) uint8 image of either layout.
+
+    The bar is whichever edge strip (top rows, left or right columns) is the most saturated; the cue is the
+    colour nearest to its mean RGB.
+    """
+    strips = [image[:CUE_ROWS], image[:, :CUE_ROWS], image[:, -CUE_ROWS:]]
+    means = [strip.reshape(-1, 3).astype(np.float64).mean(axis=0) for strip in strips]
+    mean = max(means, key=lambda rgb: float(rgb.max() - rgb.min()))
     return min(CUE_NAMES, key=lambda name: float(np.sum((mean - np.array(CUE_COLOURS[name])) ** 2)))
 
 
 def draw_context_image(
-    scene_seed: str, cue: str, task: str, width: int, height: int, max_objects: int
+    scene_seed: str, cue: str, task: str, width: int, height: int, max_objects: int, layout: str = "top"
 ) -> tuple[Image.Image, list[dict[str, Any]]]:
     """One image of the context set and its objects, drawn from ``scene_seed`` under the cue ``cue``.
 
     Args:
-        scene_seed: seed of everything below the bar (the objects, the background).
+        scene_seed: seed of everything but the bar's colour (the objects, the background, the bar's side).
         cue: a key of :data:`CUE_COLOURS` (for keypoints, of :data:`KEYPOINT_CUES`).
         task: "instances" or "keypoints".
         width, height: image size in pixels.
         max_objects: most objects.
+        layout: "top" (the bar across the top, the objects ``CUE_GAP`` px below it) or "side" (the bar down
+            the left or right edge, the objects at least ``SIDE_GAP`` px away from it).
 
     Returns:
         ``(image, objects)``; each object is {"category_id", "polygon" [(x, y), ...], "keypoints" [(x, y)] in
@@ -80,18 +101,32 @@ def draw_context_image(
     allowed = KEYPOINT_CUES if task == "keypoints" else CUE_COLOURS
     if cue not in allowed:
         raise ValueError(f"cue must be one of {sorted(allowed)} for task {task!r}, got {cue!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     rng = random.Random(scene_seed)
     grey = rng.randint(10, 60)
     noise = np.random.default_rng(rng.randrange(2**32)).normal(0.0, 10.0, size=(height, width, 1))
-    pixels = np.clip(grey + noise, 0, 255).astype(np.uint8).repeat(3, axis=2)  # grey: no hue below the bar
-    pixels[:CUE_ROWS] = CUE_COLOURS[cue]
+    pixels = np.clip(grey + noise, 0, 255).astype(np.uint8).repeat(3, axis=2)  # grey: no hue outside the bar
+    if layout == "top":
+        pixels[:CUE_ROWS] = CUE_COLOURS[cue]
+        # (left, right, top, bottom) bounds of the objects' discs, and their largest radius
+        region = (2.0, width - 2.0, float(CUE_ROWS + CUE_GAP), height - 2.0)
+        largest = min(28.0, (height - CUE_ROWS - CUE_GAP) / 2.5)
+    else:
+        far = CUE_ROWS + SIDE_GAP
+        if rng.random() < 0.5:
+            pixels[:, :CUE_ROWS] = CUE_COLOURS[cue]
+            region = (float(far), width - 2.0, 2.0, height - 2.0)
+        else:
+            pixels[:, width - CUE_ROWS :] = CUE_COLOURS[cue]
+            region = (2.0, float(width - far), 2.0, height - 2.0)
+        largest = min(28.0, (height - 4) / 2.5, (width - far - 2) / 2.5)
     canvas = Image.fromarray(pixels)
     draw = ImageDraw.Draw(canvas)
-    top = CUE_ROWS + CUE_GAP
     placed: list[tuple[float, float, float]] = []
     objects = []
     for _ in range(rng.randint(1, max_objects)):
-        spot = _free_spot_below(rng, width, height, top, placed)
+        spot = _free_spot(rng, region, largest, placed)
         if spot is None:
             break
         placed.append(spot)
@@ -120,8 +155,9 @@ def make_context_coco(
     seed: int = 0,
     image_size: tuple[int, int] = (128, 160),
     max_objects: int = 3,
+    layout: str = "top",
 ) -> tuple[Path, Path]:
-    """Write (or reuse) the context set: ``root/context_<task>_<split>/`` and ``root/context_<task>_<split>.json``.
+    """Write (or reuse) the context set: ``root/context_<layout>_<task>_<split>/`` and its ``.json``.
 
     Args:
         root: output folder.
@@ -129,18 +165,24 @@ def make_context_coco(
         num_images: how many images.
         task: "instances" or "keypoints".
         seed: random seed.
-        image_size: (smallest, largest) side in pixels, width and height drawn independently; the smallest
-            must leave room below the bar and the gap (>= 112).
+        image_size: (smallest, largest) in pixels. "top": of the width and the height, drawn independently; the
+            smallest must leave room below the bar and the gap (>= 112). "side": of the height and of the
+            objects' strip, likewise (>= 64); the width is ``CUE_ROWS + SIDE_GAP`` more than the strip.
         max_objects: most annotated objects per image.
+        layout: "top" or "side" (see :func:`draw_context_image`).
 
     Returns:
         ``(image_dir, annotation_file)``. The same arguments always give the same files.
     """
-    params = generator_params(_GENERATOR_VERSION, split, num_images, task, seed, image_size, max_objects, 112)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    min_side = 112 if layout == "top" else 64
+    params = generator_params(_GENERATOR_VERSION, split, num_images, task, seed, image_size, max_objects, min_side)
+    params["layout"] = layout
     low, high = params["image_size"]
     root = Path(root)
-    image_dir = root / f"context_{task}_{split}"
-    annotation_file = root / f"context_{task}_{split}.json"
+    image_dir = root / f"context_{layout}_{task}_{split}"
+    annotation_file = root / f"context_{layout}_{task}_{split}.json"
     if is_current(annotation_file, params):
         return image_dir, annotation_file
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -149,8 +191,11 @@ def make_context_coco(
     for index in range(num_images):
         size_rng = random.Random(f"{seed}/{index}/size")
         width, height = size_rng.randint(low, high), size_rng.randint(low, high)
+        if layout == "side":
+            width += CUE_ROWS + SIDE_GAP
         cue = random.Random(f"{seed}/{index}/cue").choice(cues)
-        canvas, objects = draw_context_image(f"{seed}/{index}/scene", cue, task, width, height, max_objects)
+        scene = f"{seed}/{index}/scene"
+        canvas, objects = draw_context_image(scene, cue, task, width, height, max_objects, layout)
         file_name = f"{index:06d}.png"
         canvas.save(image_dir / file_name)
         images.append({"id": index + 1, "file_name": file_name, "width": width, "height": height, "cue": cue})
@@ -167,18 +212,23 @@ def make_context_coco(
     return image_dir, annotation_file
 
 
-def _free_spot_below(
-    rng: random.Random, width: int, height: int, top: int, placed: list[tuple[float, float, float]]
+def _free_spot(
+    rng: random.Random,
+    region: tuple[float, float, float, float],
+    largest: float,
+    placed: list[tuple[float, float, float]],
 ) -> tuple[float, float, float] | None:
-    """Centre and radius of a disc below row ``top`` that overlaps no placed disc (None after 50 tries).
+    """Centre and radius of a disc inside ``region`` (left, right, top, bottom) that overlaps no placed disc.
 
-    Radii of 12-28 px, about the shapes set's (12 to a quarter of the image side): with radii of 10-18 neither
-    detector learnt to find the objects within the recipe's budget, so the class question was never reached.
+    None after 50 tries. Radii of 12 to ``largest`` (at most 28) px, about the shapes set's: with radii of
+    10-18 neither detector learnt to find the objects within the recipe's budget, so the class question was
+    never reached.
     """
+    left, right, top, bottom = region
     for _ in range(50):
-        radius = rng.uniform(12.0, min(28.0, (height - top) / 2.5))
-        cx = rng.uniform(radius + 2, width - radius - 2)
-        cy = rng.uniform(top + radius, height - radius - 2)
+        radius = rng.uniform(12.0, largest)
+        cx = rng.uniform(left + radius, right - radius)
+        cy = rng.uniform(top + radius, bottom - radius)
         if all(((cx - x) ** 2 + (cy - y) ** 2) ** 0.5 > radius + r + 3 for x, y, r in placed):
             return cx, cy, radius
     return None

@@ -83,6 +83,7 @@ def build_network(
         nonlocal_head=model_cfg.nonlocal_head,
         nonlocal_mode=model_cfg.nonlocal_mode,
         nonlocal_norm=model_cfg.nonlocal_norm,
+        nonlocal_zero_init=bool(model_cfg.nonlocal_zero_init),
         backbone_norm=model_cfg.backbone_norm,
         trainable_backbone_layers=model_cfg.trainable_backbone_layers,
         **overrides,

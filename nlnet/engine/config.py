@@ -164,8 +164,11 @@ DETECTION_DEFAULTS: dict[str, Any] = {
         "nonlocal_mode": "embedded_gaussian",
         # "bn": BN after W_z, γ = 0 at the start (the paper); null: no norm, W_z = 0 at the start.
         "nonlocal_norm": "bn",
-        # "bn" (batch statistics), "frozen_bn" (torchvision's choice with pre-trained weights) or "gn" (GroupNorm
-        # 32, for training from scratch with two images a step).
+        # false (with nonlocal_norm: null): W_z starts like the backbone's other convolutions, not at zero.
+        "nonlocal_zero_init": True,
+        # "bn" (batch statistics), "frozen_bn" (torchvision's choice with pre-trained weights), "gn" (GroupNorm
+        # 32, for training from scratch with two images a step) or "ln" (each position's channels on their own:
+        # from scratch, and nothing but the convolutions spreads information across the image).
         "backbone_norm": "bn",
         "trainable_backbone_layers": None,
         # A torchvision detector state dict (e.g. COCO-trained maskrcnn_resnet50_fpn) to start from.
@@ -203,6 +206,9 @@ DETECTION_DEFAULTS: dict[str, Any] = {
         "shapes_train_images": 200,
         "shapes_val_images": 50,
         "shapes_image_size": [128, 160],
+        # Context set only: "top" (the cue a bar across the top, 40 px above the objects) or "side" (a bar down
+        # one edge, 340 px from the objects: out of a ResNet-50's reach); see nlnet.data.context_coco.
+        "context_layout": "top",
         "flip_prob": 0.5,
         # OKS sigmas for keypoint AP; null means COCO's 17 person sigmas (only valid with 17 keypoints).
         "kpt_oks_sigmas": None,

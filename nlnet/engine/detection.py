@@ -13,6 +13,7 @@ dotted ``key=value`` overrides). The default recipe trains on the generated buil
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -70,7 +71,9 @@ def build_datasets(data_cfg: DictConfig) -> tuple[CocoDetection, CocoDetection]:
     """(train, val) sets of a recipe; the built-in sets (shapes, context) are generated on first use."""
     task = data_cfg.task
     if data_cfg.format in ("shapes", "context"):
-        make = make_shapes_coco if data_cfg.format == "shapes" else make_context_coco
+        make = make_shapes_coco
+        if data_cfg.format == "context":
+            make = functools.partial(make_context_coco, layout=data_cfg.context_layout)
         size = tuple(int(s) for s in data_cfg.shapes_image_size)
         root = Path(data_cfg.root).expanduser()
         train_dir, train_ann = make(

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection import KeypointRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -59,7 +60,9 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels)
 
 
-BACKBONE_NORMS = {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d, "gn": _group_norm}
+# "ln": each position's channels normalised on their own (ConvNeXt's LayerNorm2d), so that, as with frozen BN,
+# nothing but the convolutions carries information across the image; GN's statistics span the whole image.
+BACKBONE_NORMS = {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d, "gn": _group_norm, "ln": LayerNorm2d}
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ def create(
     nonlocal_head: bool | None = None,
     nonlocal_mode: str = "embedded_gaussian",
     nonlocal_norm: str | None = "bn",
+    nonlocal_zero_init: bool = True,
     backbone_norm: str = "bn",
     trainable_backbone_layers: int | None = None,
     **kwargs,
@@ -139,6 +143,9 @@ def create(
             "concatenation"). Sub-sampling is the paper's 2x2 max-pool.
         nonlocal_norm: "bn" for a BN after W_z that starts at γ = 0 (the paper); None for no norm and a W_z
             that starts at zero (the official code's choice when BN is frozen and a device holds two clips).
+        nonlocal_zero_init: start each block as the identity (γ = 0, or W_z = 0 without a norm). False, only
+            without a norm: W_z starts like every other convolution of torchvision's ResNet (Kaiming normal,
+            fan-out), for a detector trained from scratch, where there is no trained network to preserve.
         backbone_norm: the backbone's normalisation: "bn", trainable BatchNorm2d with batch statistics;
             "frozen_bn", torchvision's ``FrozenBatchNorm2d``, as torchvision has it when it starts from
             pre-trained weights; "gn", GroupNorm with 32 groups, for training from scratch with a few images per
@@ -158,8 +165,11 @@ def create(
     if nonlocal_head is None:
         nonlocal_head = spec.kind == "keypoint"
     if nonlocal_head and spec.kind != "keypoint":
+        raise ValueError(f"nonlocal_head applies to the keypoint head; {name!r} has none (got nonlocal_head=True)")
+    if not nonlocal_zero_init and nonlocal_norm is not None:
         raise ValueError(
-            f"nonlocal_head applies to the keypoint head; {name!r} has none (got nonlocal_head=True)"
+            f"nonlocal_zero_init=False needs nonlocal_norm=None (a norm after W_z starts at γ = 0), "
+            f"got nonlocal_norm={nonlocal_norm!r}"
         )
     if backbone_norm not in BACKBONE_NORMS:
         raise ValueError(f"backbone_norm must be one of {sorted(BACKBONE_NORMS)}, got {backbone_norm!r}")
@@ -185,6 +195,9 @@ def create(
         _add_backbone_block(model, spec, nonlocal_mode, nonlocal_norm)
     if nonlocal_head:
         _add_keypoint_head_blocks(model, spec, nonlocal_mode, nonlocal_norm)
+    if not nonlocal_zero_init:
+        for block in nonlocal_blocks(model).values():
+            nn.init.kaiming_normal_(block.out.weight, mode="fan_out", nonlinearity="relu")
     return model
 
 

@@ -15,6 +15,7 @@ from nlnet.data.context_coco import (
     CUE_GAP,
     CUE_NAMES,
     CUE_ROWS,
+    SIDE_GAP,
     cue_of_pixels,
     draw_context_image,
     make_context_coco,
@@ -46,6 +47,37 @@ def test_instance_labels_are_the_cue_read_from_the_pixels(tmp_path) -> None:
     assert CocoDetection(image_dir, ann).num_classes == 4
 
 
+def test_side_layout_puts_the_cue_down_an_edge_far_from_every_object(tmp_path) -> None:
+    image_dir, ann = make_context_coco(
+        tmp_path, "train", num_images=30, task="instances", seed=3, image_size=(96, 112), layout="side"
+    )
+    data, pixels = _load(image_dir, ann)
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    sizes = {i["id"]: (i["width"], i["height"]) for i in data["images"]}
+    sides, cues = set(), set()
+    for a in data["annotations"]:
+        image = pixels[a["image_id"]]
+        width, height = sizes[a["image_id"]]
+        assert 96 <= height <= 112 and 96 + CUE_ROWS + SIDE_GAP <= width <= 112 + CUE_ROWS + SIDE_GAP
+        cue = cue_of_pixels(image)
+        assert names[a["category_id"]] == cue
+        cues.add(cue)
+        # the bar is the saturated edge; the object lies SIDE_GAP px or more beyond its inner edge
+        left_bar = int(np.ptp(image[:, :CUE_ROWS].reshape(-1, 3).mean(axis=0))) > 100
+        right_bar = int(np.ptp(image[:, -CUE_ROWS:].reshape(-1, 3).mean(axis=0))) > 100
+        assert left_bar != right_bar
+        x, _, w, _ = a["bbox"]
+        if left_bar:
+            assert x >= CUE_ROWS + SIDE_GAP - 1e-6
+        else:
+            assert x + w <= width - CUE_ROWS - SIDE_GAP + 1e-6
+        sides.add(left_bar)
+    assert sides == {True, False} and cues == set(CUE_NAMES)
+    # the top layout's files are a different set, in other files
+    top = make_context_coco(tmp_path, "train", num_images=30, task="instances", seed=3)
+    assert top[1] != ann and json.loads(top[1].read_text())["info"]["generator"]["layout"] == "top"
+
+
 def test_keypoint_names_turn_with_the_cue(tmp_path) -> None:
     image_dir, ann = make_context_coco(tmp_path, "train", num_images=20, task="keypoints", seed=3)
     data, pixels = _load(image_dir, ann)
@@ -67,13 +99,21 @@ def test_keypoint_names_turn_with_the_cue(tmp_path) -> None:
     assert cues == {"red", "blue"}
 
 
+@pytest.mark.parametrize("layout, width", [("top", 140), ("side", 470)])
 @pytest.mark.parametrize("task, cues", [("instances", ("red", "green", "blue")), ("keypoints", ("red", "blue"))])
-def test_local_evidence_cannot_decide(task: str, cues: tuple[str, ...]) -> None:
-    # one scene under every cue: identical pixels below the bar, the same boxes, different labels
-    drawn = [draw_context_image("7/1/scene", cue, task, 140, 130, 3) for cue in cues]
-    below = [np.asarray(image)[CUE_ROWS:] for image, _ in drawn]
-    for other in below[1:]:
-        assert np.array_equal(below[0], other)
+def test_local_evidence_cannot_decide(task: str, cues: tuple[str, ...], layout: str, width: int) -> None:
+    # one scene under every cue: identical pixels off the bar, the same boxes, different labels
+    drawn = [draw_context_image("7/1/scene", cue, task, width, 130, 3, layout) for cue in cues]
+    images = [np.asarray(image) for image, _ in drawn]
+    changed = np.any(images[0] != images[1], axis=2)
+    rows, cols = changed.nonzero()
+    if layout == "top":
+        assert rows.max() < CUE_ROWS
+    else:  # one edge strip, all rows
+        assert cols.max() - cols.min() < CUE_ROWS and (cols.min() == 0 or cols.max() == width - 1)
+        assert set(rows) == set(range(130))
+    for other in images[2:]:
+        assert np.array_equal(np.any(images[0] != other, axis=2), changed)
     polygons = [[o["polygon"] for o in objects] for _, objects in drawn]
     assert all(p == polygons[0] for p in polygons) and polygons[0]
     if task == "instances":
@@ -102,6 +142,10 @@ def test_bad_arguments_are_value_errors(tmp_path) -> None:
         draw_context_image("0", "green", "keypoints", 128, 128, 2)
     with pytest.raises(ValueError, match="task must be one of"):
         make_context_coco(tmp_path, "train", num_images=2, task="panoptic")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        make_context_coco(tmp_path, "train", num_images=2, layout="bottom")
+    with pytest.raises(ValueError, match="64 <= low <= high"):
+        make_context_coco(tmp_path, "train", num_images=2, image_size=(48, 72), layout="side")
 
 
 def test_keypoint_ap_equals_a_hand_computation() -> None:

@@ -69,7 +69,7 @@ def test_demo_trains_and_scores_both_variants(tmp_path, capsys, task: str, secon
         assert float(row[9]) == pytest.approx(100 * nl["classes"]["agnostic_AP"], abs=0.051)
         assert float(row[11]) == pytest.approx(100 * (nl["classes"]["right_class"] or 0.0), abs=0.051)
     if task == "instances":
-        image = tmp_path / "data" / "context_instances_val" / "000000.png"
+        image = tmp_path / "data" / "context_top_instances_val" / "000000.png"
         runs = {"NL": "seed0_nl", "base": "seed0_base"}
         panels = {name: out / task / run / "checkpoint_00000001.pt" for name, run in runs.items()}
         drawn = detections_figure(panels, image, tmp_path / "fig.png", min_score=0.0)

@@ -206,6 +206,36 @@ def test_group_norm_backbone_keeps_each_image_independent_of_its_batch_partner()
             torch.testing.assert_close(next_to_b, alone, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize(("norm", "baseline_reaches"), [("frozen_bn", False), ("ln", False), ("gn", True)])
+def test_the_side_cue_is_beyond_the_convolutions_reach_and_within_the_blocks(norm: str, baseline_reaches: bool) -> None:
+    """On side-layout images (112 x 464, bar in columns 0-11, objects from column 352), the features the box
+    and mask heads pool over the objects' strip do not depend on the bar's pixels without the block, and do
+    with it: in evaluation mode with frozen BN (the paper's fine-tuning), and in training mode with the
+    per-position LayerNorm. GroupNorm's statistics span the image, so through them they do even without it.
+    """
+    torch.manual_seed(0)
+    for with_block in (False, True):
+        model = detection.create(
+            "maskrcnn_r50_fpn",
+            num_classes=4,
+            backbone_norm=norm,
+            nonlocal_backbone=with_block,
+            nonlocal_norm=None,
+        ).train(norm != "frozen_bn")
+        if with_block:  # W_z starts at zero; any trained value opens the path
+            nn.init.normal_(detection.nonlocal_blocks(model)["backbone.body.layer3.nonlocal_after_4"].out.weight)
+        images = torch.rand(2, 3, 112, 464, requires_grad=True)
+        features = model.backbone(images)
+        total = 0
+        for level in model.roi_heads.box_roi_pool.featmap_names:
+            stride = 464 / features[level].shape[-1]
+            first = int((352 - 2 * stride) // stride)  # two cells of slack for RoIAlign's interpolation
+            total = total + features[level][..., first:].sum()
+        (grad,) = torch.autograd.grad(total, images)
+        reached = grad[..., :12].abs().sum().item()
+        assert (reached > 0) is (with_block or baseline_reaches), (with_block, reached)
+
+
 def test_block_without_norm_starts_as_the_identity_with_a_zero_w_z() -> None:
     torch.manual_seed(0)
     model = detection.create("maskrcnn_r50_fpn", num_classes=3, nonlocal_norm=None, **SMALL)
@@ -214,6 +244,21 @@ def test_block_without_norm_starts_as_the_identity_with_a_zero_w_z() -> None:
     x = torch.randn(2, 1024, 6, 7)
     torch.testing.assert_close(block.train()(x), x, rtol=0, atol=0)
     assert not any("nonlocal" in k and ".norm." in k for k in model.state_dict())
+
+
+def test_block_can_start_like_the_backbone_convolutions_instead_of_the_identity() -> None:
+    torch.manual_seed(0)
+    model = detection.create(
+        "keypointrcnn_r50_fpn", nonlocal_norm=None, nonlocal_zero_init=False, backbone_norm="ln", **SMALL
+    )
+    blocks = detection.nonlocal_blocks(model)
+    assert len(blocks) == 5
+    for block in blocks.values():
+        fan_out = block.out.weight.shape[0]  # 1x1 kernels
+        # Kaiming normal, fan-out, for ReLU: std sqrt(2 / fan_out)
+        assert block.out.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+    with pytest.raises(ValueError, match="nonlocal_zero_init=False needs nonlocal_norm=None"):
+        detection.create("maskrcnn_r50_fpn", nonlocal_zero_init=False, **SMALL)
 
 
 def test_mismatched_predictor_is_reported_or_skipped() -> None:
@@ -238,7 +283,7 @@ def test_bad_arguments_are_value_errors() -> None:
         detection.create("maskrcnn_r50_fpn", nonlocal_head=True)
     with pytest.raises(ValueError, match="trainable_backbone_layers"):
         detection.create("maskrcnn_r50_fpn", trainable_backbone_layers=6)
-    with pytest.raises(ValueError, match=r"backbone_norm must be one of \['bn', 'frozen_bn', 'gn'\], got 'syncbn'"):
+    with pytest.raises(ValueError, match=r"backbone_norm must be one of \[.*'ln'\], got 'syncbn'"):
         detection.create("maskrcnn_r50_fpn", backbone_norm="syncbn")
     assert detection.available() == ["keypointrcnn_r50_fpn", "maskrcnn_r101_fpn", "maskrcnn_r50_fpn"]
 
