@@ -166,13 +166,7 @@ def create(
         nonlocal_head = spec.kind == "keypoint"
     if nonlocal_head and spec.kind != "keypoint":
         raise ValueError(f"nonlocal_head applies to the keypoint head; {name!r} has none (got nonlocal_head=True)")
-    if not nonlocal_zero_init and nonlocal_norm is not None:
-        raise ValueError(
-            f"nonlocal_zero_init=False needs nonlocal_norm=None (a norm after W_z starts at γ = 0), "
-            f"got nonlocal_norm={nonlocal_norm!r}"
-        )
-    if backbone_norm not in BACKBONE_NORMS:
-        raise ValueError(f"backbone_norm must be one of {sorted(BACKBONE_NORMS)}, got {backbone_norm!r}")
+    _check_norms(nonlocal_norm, nonlocal_zero_init, backbone_norm)
     if trainable_backbone_layers is None:
         trainable_backbone_layers = 3 if backbone_norm == "frozen_bn" else 5
     if not 0 <= trainable_backbone_layers <= 5:
@@ -199,6 +193,16 @@ def create(
         for block in nonlocal_blocks(model).values():
             nn.init.kaiming_normal_(block.out.weight, mode="fan_out", nonlinearity="relu")
     return model
+
+
+def _check_norms(nonlocal_norm: str | None, nonlocal_zero_init: bool, backbone_norm: str) -> None:
+    if not nonlocal_zero_init and nonlocal_norm is not None:
+        raise ValueError(
+            f"nonlocal_zero_init=False needs nonlocal_norm=None (a norm after W_z starts at γ = 0), "
+            f"got nonlocal_norm={nonlocal_norm!r}"
+        )
+    if backbone_norm not in BACKBONE_NORMS:
+        raise ValueError(f"backbone_norm must be one of {sorted(BACKBONE_NORMS)}, got {backbone_norm!r}")
 
 
 def nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
