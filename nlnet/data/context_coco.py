@@ -58,7 +58,9 @@ CUE_GAP = 40
 # Side layout: the objects start this far from the bar. ResNet-50's res5 sees 483 px, i.e. 241 px either side of
 # a position; with the RPN's 3x3 convolution on P5 the baseline's widest reach is about 275 px.
 SIDE_GAP = 340
-LAYOUTS = ("top", "side")
+# each layout's smallest image side (top) or strip (side) that leaves room for the objects
+_MIN_SIDE = {"top": 112, "side": 64}
+LAYOUTS = tuple(_MIN_SIDE)
 # RGB of each cue; instances use all three (category i + 1 is CUE_NAMES[i]), keypoints the first and last
 CUE_NAMES = ("red", "green", "blue")
 CUE_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (50, 80, 230)}
@@ -101,8 +103,7 @@ def draw_context_image(
     allowed = KEYPOINT_CUES if task == "keypoints" else CUE_COLOURS
     if cue not in allowed:
         raise ValueError(f"cue must be one of {sorted(allowed)} for task {task!r}, got {cue!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_layout(layout)
     rng = random.Random(scene_seed)
     grey = rng.randint(10, 60)
     noise = np.random.default_rng(rng.randrange(2**32)).normal(0.0, 10.0, size=(height, width, 1))
@@ -174,9 +175,8 @@ def make_context_coco(
     Returns:
         ``(image_dir, annotation_file)``. The same arguments always give the same files.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    min_side = 112 if layout == "top" else 64
+    _check_layout(layout)
+    min_side = _MIN_SIDE[layout]
     params = generator_params(_GENERATOR_VERSION, split, num_images, task, seed, image_size, max_objects, min_side)
     params["layout"] = layout
     low, high = params["image_size"]
@@ -210,6 +210,11 @@ def make_context_coco(
     )
     write_set(annotation_file, "nlnet built-in context set", params, images, annotations, categories)
     return image_dir, annotation_file
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def _free_spot(

@@ -151,6 +151,7 @@ def create(
             pre-trained weights; "gn", GroupNorm with 32 groups, for training from scratch with a few images per
             device (He et al., *Rethinking ImageNet Pre-training*, 2019), where batch statistics over two images
             make every whole-image feature relative to the other image of the batch.
+            "ln", ConvNeXt's ``LayerNorm2d``: each position on its own, so only convolutions span the image.
         trainable_backbone_layers: how many of torchvision's five backbone stages train (0-5); 3 with frozen
             BN, 5 otherwise, as in torchvision. The non-local blocks always train.
         **kwargs: passed to ``MaskRCNN``/``KeypointRCNN`` (``min_size``, ``max_size``, ``num_keypoints``,
