@@ -221,6 +221,8 @@ DETECTION_DEFAULTS: dict[str, Any] = {
         "base_lr": 0.003,
         "momentum": 0.9,
         "weight_decay": 1e-4,
+        # The non-local blocks' learning rate is this times base_lr (the schedule applies to both).
+        "nonlocal_lr_mult": 1.0,
         # lr rises linearly from base_lr * warmup_factor to base_lr over warmup_iters steps ...
         "warmup_iters": 50,
         "warmup_factor": 0.001,
@@ -512,6 +514,8 @@ def validate_detection_config(cfg: DictConfig) -> None:
             f"train.warmup_iters must be >= 0 and warmup_factor in (0, 1], got {train_cfg.warmup_iters} and "
             f"{train_cfg.warmup_factor}"
         )
+    if not float(train_cfg.nonlocal_lr_mult) > 0.0:
+        raise ValueError(f"train.nonlocal_lr_mult must be > 0, got {train_cfg.nonlocal_lr_mult}")
     clip = train_cfg.clip_grad_norm
     if clip is not None and not float(clip) > 0.0:
         raise ValueError(f"train.clip_grad_norm must be > 0 or null, got {clip}")

@@ -209,6 +209,8 @@ class _Run:
             momentum=float(train_cfg.momentum),
             nesterov=False,
             weight_decay=float(train_cfg.weight_decay),
+            scaled=[p for block in detection_models.nonlocal_blocks(self.model).values() for p in block.parameters()],
+            lr_mult=float(train_cfg.nonlocal_lr_mult),
         )
         # the recipe's decay steps, each a factor gamma more, as the step table of the shared schedule
         decay_steps = [int(s) for s in train_cfg.decay_steps]

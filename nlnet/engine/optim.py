@@ -17,7 +17,7 @@ steps (``kind="warmup_steps"``).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -61,6 +61,8 @@ def build_optimizer(
     weight_decay: float = 1e-4,
     weight_decay_bn: float = 0.0,
     name: str = "sgd",
+    scaled: Iterable[nn.Parameter] = (),
+    lr_mult: float = 1.0,
 ) -> torch.optim.Optimizer:
     """SGD (or AdamW) over the trainable parameters with separate weight decay for BN parameters.
 
@@ -72,16 +74,24 @@ def build_optimizer(
         weight_decay: L2 coefficient for all non-BN parameters, biases included (decoupled for AdamW).
         weight_decay_bn: L2 coefficient for BN gamma and beta (official: 0).
         name: "sgd" (the paper) or "adamw" (the built-in recipe; PyTorch's default betas and eps).
+        scaled: parameters whose learning rate is ``lr_mult`` times the rest's (e.g. the non-local blocks'),
+            in groups of their own named "decay_scaled" and "bn_scaled"; the schedule multiplies every group.
+        lr_mult: their multiplier, > 0.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if not lr_mult > 0.0:
+        raise ValueError(f"lr_mult must be > 0, got {lr_mult}")
     bn, rest = split_weight_decay(model)
     if not bn and not rest:
         raise ValueError("the model has no trainable parameters")
-    groups = [
-        {"params": rest, "weight_decay": weight_decay, "name": "decay"},
-        {"params": bn, "weight_decay": weight_decay_bn, "name": "bn"},
-    ]
+    scaled_ids = {id(p) for p in scaled}
+    groups = []
+    for params, decay, group in ((rest, weight_decay, "decay"), (bn, weight_decay_bn, "bn")):
+        plain = [p for p in params if id(p) not in scaled_ids]
+        boosted = [p for p in params if id(p) in scaled_ids]
+        groups.append({"params": plain, "weight_decay": decay, "name": group})
+        groups.append({"params": boosted, "weight_decay": decay, "name": f"{group}_scaled", "lr": base_lr * lr_mult})
     groups = [g for g in groups if g["params"]]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=base_lr)

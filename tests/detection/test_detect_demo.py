@@ -109,5 +109,7 @@ def test_context_recipes_load_and_clip_must_be_positive() -> None:
         assert cfg.model.backbone_norm == "gn" and cfg.model.nonlocal_norm is None
     with pytest.raises(ValueError, match="clip_grad_norm must be > 0"):
         detection.load_config("detection/context_maskrcnn_r50", ["train.clip_grad_norm=0"])
+    with pytest.raises(ValueError, match="nonlocal_lr_mult must be > 0, got -1"):
+        detection.load_config("detection/context_maskrcnn_r50", ["train.nonlocal_lr_mult=-1"])
     with pytest.raises(ValueError, match="'shapes', 'context' or 'coco'"):
         detection.load_config(None, ["data.format=voc"])

@@ -275,8 +275,21 @@ def test_cli_train_then_eval_on_the_builtin_set(tmp_path, capsys) -> None:
 
 
 def test_resumed_training_equals_uninterrupted_at_the_smallest_size(tmp_path) -> None:
+    # With the res4 block's learning rate at ten times the rest's: its groups resume with the rest.
     torch.set_num_threads(1)
-    _assert_resume_is_exact(tmp_path, _smallest, 2)
+
+    def options(tmp, run, max_iter):
+        return [*_smallest(tmp, run, max_iter), "train.nonlocal_lr_mult=10"]
+
+    _assert_resume_is_exact(tmp_path, options, 2)
+    state = torch.load(tmp_path / "resumed" / "checkpoint_00000002.pt", weights_only=True)
+    groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
+    assert sorted(groups) == ["bn", "bn_scaled", "decay", "decay_scaled"]  # the block has its BN (the default)
+    assert groups["decay_scaled"]["lr"] == pytest.approx(10 * groups["decay"]["lr"])
+    assert groups["bn_scaled"]["lr"] == pytest.approx(10 * groups["bn"]["lr"])
+    block = [k for k in state["model"] if k.startswith("backbone.body.layer3.nonlocal_after_")]
+    scaled = len(groups["decay_scaled"]["params"]) + len(groups["bn_scaled"]["params"])
+    assert scaled == len([k for k in block if k.endswith(("weight", "bias"))]) > 0
 
 
 @pytest.mark.slow

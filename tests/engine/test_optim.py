@@ -133,3 +133,26 @@ def test_warmup_then_step_decay():
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.25, 0.375, 0.05, 0.05])
+
+
+def test_scaled_parameters_get_their_multiple_of_the_scheduled_rate():
+    # The detectors' train.nonlocal_lr_mult: the blocks' parameters (a BN among them) at lr_mult times the rest,
+    # each keeping its weight decay, and the warm-up/step schedule applied to every group alike.
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)))
+    scaled = list(model[1].parameters())
+    optimizer = build_optimizer(model, base_lr=0.1, weight_decay=1e-4, scaled=scaled, lr_mult=10.0)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert sorted(groups) == ["bn_scaled", "decay", "decay_scaled"]
+    assert [id(p) for p in groups["decay"]["params"]] == [id(p) for p in model[0].parameters()]
+    assert {id(p) for p in groups["decay_scaled"]["params"]} == {id(p) for p in model[1][0].parameters()}
+    assert {id(p) for p in groups["bn_scaled"]["params"]} == {id(p) for p in model[1][1].parameters()}
+    assert groups["decay_scaled"]["weight_decay"] == 1e-4 and groups["bn_scaled"]["weight_decay"] == 0.0
+    scheduler = build_scheduler(optimizer, [0, 2], [1.0, 0.1], kind="warmup_steps", warmup_iters=2, warmup_factor=0.5)
+    seen = []
+    for _ in range(3):
+        seen.append([groups[n]["lr"] for n in ("decay", "decay_scaled", "bn_scaled")])
+        optimizer.step()
+        scheduler.step()
+    assert seen == [pytest.approx(v) for v in ([0.05, 0.5, 0.5], [0.075, 0.75, 0.75], [0.01, 0.1, 0.1])]
+    with pytest.raises(ValueError, match="lr_mult must be > 0, got 0.0"):
+        build_optimizer(model, base_lr=0.1, scaled=scaled, lr_mult=0.0)
