@@ -47,14 +47,19 @@ __all__ = [
     "CUE_GAP",
     "CUE_ROWS",
     "LAYOUTS",
+    "SIDE_BAR",
     "SIDE_GAP",
     "cue_of_pixels",
     "draw_context_image",
     "make_context_coco",
 ]
 
-CUE_ROWS = 12  # the bar's thickness: rows of the top bar, columns of a side bar
+CUE_ROWS = 12  # the top bar's thickness in rows
 CUE_GAP = 40
+# The side bar's thickness in columns: three of res4's 16-px cells, so that the block's average over the
+# positions, before it has learnt where to look, carries the colour. With a 12-px bar, under one cell, a
+# Kaiming-started block named 21-25 % of the classes at seed 1 (500 and 1000 steps); with 48 px, 100 %.
+SIDE_BAR = 48
 # Side layout: the objects start this far from the bar. ResNet-50's res5 sees 483 px, i.e. 241 px either side of
 # a position; with the RPN's 3x3 convolution on P5 the baseline's widest reach is about 275 px.
 SIDE_GAP = 340
@@ -65,14 +70,14 @@ LAYOUTS = tuple(_MIN_SIDE)
 CUE_NAMES = ("red", "green", "blue")
 CUE_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (50, 80, 230)}
 KEYPOINT_CUES = {"red": 0, "blue": 2}  # cue -> quarter turns from geometric corner to keypoint name
-_GENERATOR_VERSION = 3
+_GENERATOR_VERSION = 4
 
 
 def cue_of_pixels(image: np.ndarray) -> str:
     """The cue's colour name read back from an (H, W, 3) uint8 image of either layout.
 
-    The bar is whichever edge strip (top rows, left or right columns) is the most saturated; the cue is the
-    colour nearest to its mean RGB.
+    The bar is whichever edge strip (the top ``CUE_ROWS`` rows, the left or right ``CUE_ROWS`` columns, inside
+    either layout's bar) is the most saturated; the cue is the colour nearest to its mean RGB.
     """
     strips = [image[:CUE_ROWS], image[:, :CUE_ROWS], image[:, -CUE_ROWS:]]
     means = [strip.reshape(-1, 3).astype(np.float64).mean(axis=0) for strip in strips]
@@ -92,7 +97,7 @@ def draw_context_image(
         width, height: image size in pixels.
         max_objects: most objects.
         layout: "top" (the bar across the top, the objects ``CUE_GAP`` px below it) or "side" (the bar down
-            the left or right edge, the objects at least ``SIDE_GAP`` px away from it).
+            the left or right edge, ``SIDE_BAR`` px wide, the objects at least ``SIDE_GAP`` px away from it).
 
     Returns:
         ``(image, objects)``; each object is {"category_id", "polygon" [(x, y), ...], "keypoints" [(x, y)] in
@@ -114,12 +119,12 @@ def draw_context_image(
         region = (2.0, width - 2.0, float(CUE_ROWS + CUE_GAP), height - 2.0)
         largest = min(28.0, (height - CUE_ROWS - CUE_GAP) / 2.5)
     else:
-        far = CUE_ROWS + SIDE_GAP
+        far = SIDE_BAR + SIDE_GAP
         if rng.random() < 0.5:
-            pixels[:, :CUE_ROWS] = CUE_COLOURS[cue]
+            pixels[:, :SIDE_BAR] = CUE_COLOURS[cue]
             region = (float(far), width - 2.0, 2.0, height - 2.0)
         else:
-            pixels[:, width - CUE_ROWS :] = CUE_COLOURS[cue]
+            pixels[:, width - SIDE_BAR :] = CUE_COLOURS[cue]
             region = (2.0, float(width - far), 2.0, height - 2.0)
         largest = min(28.0, (height - 4) / 2.5, (width - far - 2) / 2.5)
     canvas = Image.fromarray(pixels)
@@ -168,7 +173,7 @@ def make_context_coco(
         seed: random seed.
         image_size: (smallest, largest) in pixels. "top": of the width and the height, drawn independently; the
             smallest must leave room below the bar and the gap (>= 112). "side": of the height and of the
-            objects' strip, likewise (>= 64); the width is ``CUE_ROWS + SIDE_GAP`` more than the strip.
+            objects' strip, likewise (>= 64); the width is ``SIDE_BAR + SIDE_GAP`` more than the strip.
         max_objects: most annotated objects per image.
         layout: "top" or "side" (see :func:`draw_context_image`).
 
@@ -192,7 +197,7 @@ def make_context_coco(
         size_rng = random.Random(f"{seed}/{index}/size")
         width, height = size_rng.randint(low, high), size_rng.randint(low, high)
         if layout == "side":
-            width += CUE_ROWS + SIDE_GAP
+            width += SIDE_BAR + SIDE_GAP
         cue = random.Random(f"{seed}/{index}/cue").choice(cues)
         scene = f"{seed}/{index}/scene"
         canvas, objects = draw_context_image(scene, cue, task, width, height, max_objects, layout)

@@ -15,6 +15,7 @@ from nlnet.data.context_coco import (
     CUE_GAP,
     CUE_NAMES,
     CUE_ROWS,
+    SIDE_BAR,
     SIDE_GAP,
     cue_of_pixels,
     draw_context_image,
@@ -58,19 +59,19 @@ def test_side_layout_puts_the_cue_down_an_edge_far_from_every_object(tmp_path) -
     for a in data["annotations"]:
         image = pixels[a["image_id"]]
         width, height = sizes[a["image_id"]]
-        assert 96 <= height <= 112 and 96 + CUE_ROWS + SIDE_GAP <= width <= 112 + CUE_ROWS + SIDE_GAP
+        assert 96 <= height <= 112 and 96 + SIDE_BAR + SIDE_GAP <= width <= 112 + SIDE_BAR + SIDE_GAP
         cue = cue_of_pixels(image)
         assert names[a["category_id"]] == cue
         cues.add(cue)
         # the bar is the saturated edge; the object lies SIDE_GAP px or more beyond its inner edge
-        left_bar = int(np.ptp(image[:, :CUE_ROWS].reshape(-1, 3).mean(axis=0))) > 100
-        right_bar = int(np.ptp(image[:, -CUE_ROWS:].reshape(-1, 3).mean(axis=0))) > 100
+        left_bar = int(np.ptp(image[:, :SIDE_BAR].reshape(-1, 3).mean(axis=0))) > 100
+        right_bar = int(np.ptp(image[:, -SIDE_BAR:].reshape(-1, 3).mean(axis=0))) > 100
         assert left_bar != right_bar
         x, _, w, _ = a["bbox"]
         if left_bar:
-            assert x >= CUE_ROWS + SIDE_GAP - 1e-6
+            assert x >= SIDE_BAR + SIDE_GAP - 1e-6
         else:
-            assert x + w <= width - CUE_ROWS - SIDE_GAP + 1e-6
+            assert x + w <= width - SIDE_BAR - SIDE_GAP + 1e-6
         sides.add(left_bar)
     assert sides == {True, False} and cues == set(CUE_NAMES)
     # the top layout's files are a different set, in other files
@@ -99,7 +100,7 @@ def test_keypoint_names_turn_with_the_cue(tmp_path) -> None:
     assert cues == {"red", "blue"}
 
 
-@pytest.mark.parametrize("layout, width", [("top", 140), ("side", 470)])
+@pytest.mark.parametrize("layout, width", [("top", 140), ("side", 506)])
 @pytest.mark.parametrize("task, cues", [("instances", ("red", "green", "blue")), ("keypoints", ("red", "blue"))])
 def test_local_evidence_cannot_decide(task: str, cues: tuple[str, ...], layout: str, width: int) -> None:
     # one scene under every cue: identical pixels off the bar, the same boxes, different labels
@@ -110,7 +111,7 @@ def test_local_evidence_cannot_decide(task: str, cues: tuple[str, ...], layout: 
     if layout == "top":
         assert rows.max() < CUE_ROWS
     else:  # one edge strip, all rows
-        assert cols.max() - cols.min() < CUE_ROWS and (cols.min() == 0 or cols.max() == width - 1)
+        assert cols.max() - cols.min() == SIDE_BAR - 1 and (cols.min() == 0 or cols.max() == width - 1)
         assert set(rows) == set(range(130))
     for other in images[2:]:
         assert np.array_equal(np.any(images[0] != other, axis=2), changed)

@@ -12,6 +12,7 @@ from torchvision.models.detection import keypointrcnn_resnet50_fpn, maskrcnn_res
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from nlnet import NonLocalBlock
+from nlnet.data.context_coco import SIDE_BAR, SIDE_GAP
 from nlnet.models import detection
 
 SMALL = {"min_size": 96, "max_size": 128}
@@ -208,12 +209,13 @@ def test_group_norm_backbone_keeps_each_image_independent_of_its_batch_partner()
 
 @pytest.mark.parametrize(("norm", "baseline_reaches"), [("frozen_bn", False), ("ln", False), ("gn", True)])
 def test_the_side_cue_is_beyond_the_convolutions_reach_and_within_the_blocks(norm: str, baseline_reaches: bool) -> None:
-    """On side-layout images (112 x 464, bar in columns 0-11, objects from column 352), the features the box
+    """On side-layout images (112 x 500, bar in columns 0-47, objects from column 388), the features the box
     and mask heads pool over the objects' strip do not depend on the bar's pixels without the block, and do
     with it: in evaluation mode with frozen BN (the paper's fine-tuning), and in training mode with the
     per-position LayerNorm. GroupNorm's statistics span the image, so through them they do even without it.
     """
     torch.manual_seed(0)
+    width = 112 + SIDE_BAR + SIDE_GAP
     for with_block in (False, True):
         model = detection.create(
             "maskrcnn_r50_fpn",
@@ -224,15 +226,15 @@ def test_the_side_cue_is_beyond_the_convolutions_reach_and_within_the_blocks(nor
         ).train(norm != "frozen_bn")
         if with_block:  # W_z starts at zero; any trained value opens the path
             nn.init.normal_(detection.nonlocal_blocks(model)["backbone.body.layer3.nonlocal_after_4"].out.weight)
-        images = torch.rand(2, 3, 112, 464, requires_grad=True)
+        images = torch.rand(2, 3, 112, width, requires_grad=True)
         features = model.backbone(images)
         total = 0
         for level in model.roi_heads.box_roi_pool.featmap_names:
-            stride = 464 / features[level].shape[-1]
-            first = int((352 - 2 * stride) // stride)  # two cells of slack for RoIAlign's interpolation
+            stride = width / features[level].shape[-1]
+            first = int((SIDE_BAR + SIDE_GAP - 2 * stride) // stride)  # two cells of slack for RoIAlign's interpolation
             total = total + features[level][..., first:].sum()
         (grad,) = torch.autograd.grad(total, images)
-        reached = grad[..., :12].abs().sum().item()
+        reached = grad[..., :SIDE_BAR].abs().sum().item()
         assert (reached > 0) is (with_block or baseline_reaches), (with_block, reached)
 
 
