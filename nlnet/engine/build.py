@@ -84,6 +84,7 @@ def build_network(
         nonlocal_mode=model_cfg.nonlocal_mode,
         nonlocal_norm=model_cfg.nonlocal_norm,
         nonlocal_zero_init=bool(model_cfg.nonlocal_zero_init),
+        nonlocal_scale_mult=float(model_cfg.nonlocal_scale_mult),
         backbone_norm=model_cfg.backbone_norm,
         trainable_backbone_layers=model_cfg.trainable_backbone_layers,
         **overrides,

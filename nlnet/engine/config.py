@@ -166,6 +166,8 @@ DETECTION_DEFAULTS: dict[str, Any] = {
         "nonlocal_norm": "bn",
         # false (with nonlocal_norm: null): W_z starts like the backbone's other convolutions, not at zero.
         "nonlocal_zero_init": True,
+        # multiplies the softmax's d^-0.5 in the blocks (embedded Gaussian, Gaussian): >1 starts them sharper.
+        "nonlocal_scale_mult": 1.0,
         # "bn" (batch statistics), "frozen_bn" (torchvision's choice with pre-trained weights), "gn" (GroupNorm
         # 32, for training from scratch with two images a step) or "ln" (each position's channels on their own:
         # from scratch, and nothing but the convolutions spreads information across the image).

@@ -30,8 +30,9 @@ uses both; with BN in the backbone neither detector learnt the class there.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -123,6 +124,7 @@ def create(
     nonlocal_mode: str = "embedded_gaussian",
     nonlocal_norm: str | None = "bn",
     nonlocal_zero_init: bool = True,
+    nonlocal_scale_mult: float = 1.0,
     backbone_norm: str = "bn",
     trainable_backbone_layers: int | None = None,
     **kwargs,
@@ -146,6 +148,8 @@ def create(
         nonlocal_zero_init: start each block as the identity (γ = 0, or W_z = 0 without a norm). False, only
             without a norm: W_z starts like every other convolution of torchvision's ResNet (Kaiming normal,
             fan-out), for a detector trained from scratch, where there is no trained network to preserve.
+        nonlocal_scale_mult: softmax modes only: multiplies the dot products' scale d^-0.5 (the released
+            models'); above 1 the attention starts sharper, closer to the few positions most like the query.
         backbone_norm: the backbone's normalisation: "bn", trainable BatchNorm2d with batch statistics;
             "frozen_bn", torchvision's ``FrozenBatchNorm2d``, as torchvision has it when it starts from
             pre-trained weights; "gn", GroupNorm with 32 groups, for training from scratch with a few images per
@@ -168,6 +172,14 @@ def create(
     if nonlocal_head and spec.kind != "keypoint":
         raise ValueError(f"nonlocal_head applies to the keypoint head; {name!r} has none (got nonlocal_head=True)")
     _check_norms(nonlocal_norm, nonlocal_zero_init, backbone_norm)
+    if not (isinstance(nonlocal_scale_mult, (int, float)) and nonlocal_scale_mult > 0):
+        raise ValueError(f"nonlocal_scale_mult must be a positive number, got {nonlocal_scale_mult!r}")
+    if nonlocal_scale_mult != 1 and nonlocal_mode not in ("gaussian", "embedded_gaussian"):
+        raise ValueError(
+            f"nonlocal_scale_mult scales a softmax, which nonlocal_mode={nonlocal_mode!r} has not "
+            f"(got nonlocal_scale_mult={nonlocal_scale_mult})"
+        )
+    make_block = functools.partial(_make_block, mode=nonlocal_mode, norm=nonlocal_norm, scale_mult=nonlocal_scale_mult)
     if trainable_backbone_layers is None:
         trainable_backbone_layers = 3 if backbone_norm == "frozen_bn" else 5
     if not 0 <= trainable_backbone_layers <= 5:
@@ -187,9 +199,9 @@ def create(
     model = detector_class(backbone, num_classes=num_classes, **kwargs)
 
     if nonlocal_backbone:
-        _add_backbone_block(model, spec, nonlocal_mode, nonlocal_norm)
+        _add_backbone_block(model, spec, make_block)
     if nonlocal_head:
-        _add_keypoint_head_blocks(model, spec, nonlocal_mode, nonlocal_norm)
+        _add_keypoint_head_blocks(model, spec, make_block)
     if not nonlocal_zero_init:
         for block in nonlocal_blocks(model).values():
             nn.init.kaiming_normal_(block.out.weight, mode="fan_out", nonlinearity="relu")
@@ -312,17 +324,21 @@ def load_backbone_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
     return LoadReport(missing_nonlocal=missing_nonlocal, skipped_mismatched=[])
 
 
-def _add_backbone_block(model: MaskRCNN | KeypointRCNN, spec: DetectorPreset, mode: str, norm: str | None) -> None:
+def _add_backbone_block(
+    model: MaskRCNN | KeypointRCNN, spec: DetectorPreset, make_block: Callable[[int], NonLocalBlock]
+) -> None:
     """Insert the preset's non-local block into res4 (torchvision's ``layer3``) of the backbone body."""
     body = model.backbone.body
     res4 = body["layer3"]
     if len(res4) != spec.res4_blocks:
         raise RuntimeError(f"torchvision's res4 has {len(res4)} blocks, the preset expects {spec.res4_blocks}")
     channels = res4[-1].conv3.out_channels
-    body["layer3"] = _insert_after(res4, {spec.backbone_nonlocal_after: _make_block(channels, mode, norm)})
+    body["layer3"] = _insert_after(res4, {spec.backbone_nonlocal_after: make_block(channels)})
 
 
-def _add_keypoint_head_blocks(model: KeypointRCNN, spec: DetectorPreset, mode: str, norm: str | None) -> None:
+def _add_keypoint_head_blocks(
+    model: KeypointRCNN, spec: DetectorPreset, make_block: Callable[[int], NonLocalBlock]
+) -> None:
     """Insert the preset's non-local blocks into the keypoint head, each after the numbered convolution."""
     head = model.roi_heads.keypoint_head
     convs = [index for index, module in enumerate(head) if isinstance(module, nn.Conv2d)]
@@ -330,12 +346,15 @@ def _add_keypoint_head_blocks(model: KeypointRCNN, spec: DetectorPreset, mode: s
     for conv_number in spec.head_nonlocal_after_convs:
         conv_index = convs[conv_number - 1]
         # the block reads the conv's activated output, so it follows the ReLU right after the conv
-        blocks[conv_index + 1] = _make_block(head[conv_index].out_channels, mode, norm)
+        blocks[conv_index + 1] = make_block(head[conv_index].out_channels)
     model.roi_heads.keypoint_head = _insert_after(head, blocks)
 
 
-def _make_block(channels: int, mode: str, norm: str | None) -> NonLocalBlock:
-    return NonLocalBlock(channels, dim=2, mode=mode, pool="default", norm=norm)
+def _make_block(channels: int, *, mode: str, norm: str | None, scale_mult: float) -> NonLocalBlock:
+    if scale_mult == 1.0:
+        return NonLocalBlock(channels, dim=2, mode=mode, pool="default", norm=norm)
+    compared = channels if mode == "gaussian" else channels // 2  # the block's d: inner channels, or raw x
+    return NonLocalBlock(channels, dim=2, mode=mode, pool="default", norm=norm, scale=compared**-0.5 * scale_mult)
 
 
 def _is_nonlocal_key(key: str) -> bool:

@@ -263,6 +263,24 @@ def test_block_can_start_like_the_backbone_convolutions_instead_of_the_identity(
         detection.create("maskrcnn_r50_fpn", nonlocal_zero_init=False, **SMALL)
 
 
+def test_scale_mult_sharpens_every_blocks_softmax() -> None:
+    torch.manual_seed(0)
+    model = detection.create("keypointrcnn_r50_fpn", nonlocal_scale_mult=4.0, **SMALL)
+    blocks = detection.nonlocal_blocks(model)
+    assert len(blocks) == 5
+    for block in blocks.values():
+        channels = block.in_channels
+        x = torch.randn(1, channels, 6, 5)
+        theta = block.theta(x).flatten(2).transpose(1, 2)  # (1, 30, C/2)
+        phi = block.phi(torch.nn.functional.max_pool2d(x, 2)).flatten(2)  # keys pooled 2x2 before φ: (1, C/2, 6)
+        expected = torch.softmax(4.0 * (channels // 2) ** -0.5 * torch.bmm(theta, phi), dim=-1)
+        torch.testing.assert_close(block.attention(x), expected)
+    with pytest.raises(ValueError, match="scales a softmax, which nonlocal_mode='dot_product' has not"):
+        detection.create("maskrcnn_r50_fpn", nonlocal_mode="dot_product", nonlocal_scale_mult=2.0, **SMALL)
+    with pytest.raises(ValueError, match="nonlocal_scale_mult must be a positive number, got 0"):
+        detection.create("maskrcnn_r50_fpn", nonlocal_scale_mult=0, **SMALL)
+
+
 def test_mismatched_predictor_is_reported_or_skipped() -> None:
     source = detection.create(
         "maskrcnn_r50_fpn", num_classes=91, nonlocal_backbone=False, **SMALL
