@@ -351,10 +351,9 @@ def _add_keypoint_head_blocks(
 
 
 def _make_block(channels: int, *, mode: str, norm: str | None, scale_mult: float) -> NonLocalBlock:
-    if scale_mult == 1.0:
-        return NonLocalBlock(channels, dim=2, mode=mode, pool="default", norm=norm)
-    compared = channels if mode == "gaussian" else channels // 2  # the block's d: inner channels, or raw x
-    return NonLocalBlock(channels, dim=2, mode=mode, pool="default", norm=norm, scale=compared**-0.5 * scale_mult)
+    block = NonLocalBlock(channels, dim=2, mode=mode, pool="default", norm=norm)
+    block.scale_factor *= scale_mult  # the block's own d^-0.5, for whichever d its mode compares
+    return block
 
 
 def _is_nonlocal_key(key: str) -> bool:
