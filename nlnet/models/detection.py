@@ -171,29 +171,15 @@ def create(
         nonlocal_head = spec.kind == "keypoint"
     if nonlocal_head and spec.kind != "keypoint":
         raise ValueError(f"nonlocal_head applies to the keypoint head; {name!r} has none (got nonlocal_head=True)")
-    _check_norms(nonlocal_norm, nonlocal_zero_init, backbone_norm)
-    if not (isinstance(nonlocal_scale_mult, (int, float)) and nonlocal_scale_mult > 0):
-        raise ValueError(f"nonlocal_scale_mult must be a positive number, got {nonlocal_scale_mult!r}")
-    if nonlocal_scale_mult != 1 and nonlocal_mode not in ("gaussian", "embedded_gaussian"):
-        raise ValueError(
-            f"nonlocal_scale_mult scales a softmax, which nonlocal_mode={nonlocal_mode!r} has not "
-            f"(got nonlocal_scale_mult={nonlocal_scale_mult})"
-        )
+    _check_block_options(nonlocal_mode, nonlocal_norm, nonlocal_zero_init, nonlocal_scale_mult, backbone_norm)
     make_block = functools.partial(_make_block, mode=nonlocal_mode, norm=nonlocal_norm, scale_mult=nonlocal_scale_mult)
-    if trainable_backbone_layers is None:
-        trainable_backbone_layers = 3 if backbone_norm == "frozen_bn" else 5
-    if not 0 <= trainable_backbone_layers <= 5:
-        raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
-    if num_classes is None:
-        num_classes = spec.default_num_classes
-    if num_classes < 2:
-        raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+    num_classes, trainable_layers = _resolve_counts(spec, num_classes, trainable_backbone_layers, backbone_norm)
 
     backbone = resnet_fpn_backbone(
         backbone_name=f"resnet{spec.depth}",
         weights=None,
         norm_layer=BACKBONE_NORMS[backbone_norm],
-        trainable_layers=trainable_backbone_layers,
+        trainable_layers=trainable_layers,
     )
     detector_class = MaskRCNN if spec.kind == "mask" else KeypointRCNN
     model = detector_class(backbone, num_classes=num_classes, **kwargs)
@@ -208,14 +194,38 @@ def create(
     return model
 
 
-def _check_norms(nonlocal_norm: str | None, nonlocal_zero_init: bool, backbone_norm: str) -> None:
-    if not nonlocal_zero_init and nonlocal_norm is not None:
+def _check_block_options(
+    mode: str, norm: str | None, zero_init: bool, scale_mult: float, backbone_norm: str
+) -> None:
+    if not zero_init and norm is not None:
         raise ValueError(
             f"nonlocal_zero_init=False needs nonlocal_norm=None (a norm after W_z starts at γ = 0), "
-            f"got nonlocal_norm={nonlocal_norm!r}"
+            f"got nonlocal_norm={norm!r}"
+        )
+    if not (isinstance(scale_mult, (int, float)) and scale_mult > 0):
+        raise ValueError(f"nonlocal_scale_mult must be a positive number, got {scale_mult!r}")
+    if scale_mult != 1 and mode not in ("gaussian", "embedded_gaussian"):
+        raise ValueError(
+            f"nonlocal_scale_mult scales a softmax, which nonlocal_mode={mode!r} has not "
+            f"(got nonlocal_scale_mult={scale_mult})"
         )
     if backbone_norm not in BACKBONE_NORMS:
         raise ValueError(f"backbone_norm must be one of {sorted(BACKBONE_NORMS)}, got {backbone_norm!r}")
+
+
+def _resolve_counts(
+    spec: DetectorPreset, num_classes: int | None, trainable_layers: int | None, backbone_norm: str
+) -> tuple[int, int]:
+    """``num_classes`` and ``trainable_backbone_layers`` with torchvision's defaults filled in, checked."""
+    if trainable_layers is None:
+        trainable_layers = 3 if backbone_norm == "frozen_bn" else 5
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_layers}")
+    if num_classes is None:
+        num_classes = spec.default_num_classes
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+    return num_classes, trainable_layers
 
 
 def nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
