@@ -87,6 +87,7 @@ def build_network(
         nonlocal_scale_mult=float(model_cfg.nonlocal_scale_mult),
         backbone_norm=model_cfg.backbone_norm,
         trainable_backbone_layers=model_cfg.trainable_backbone_layers,
+        roi_canonical_scale=int(model_cfg.roi_canonical_scale),
         **overrides,
     )
 

@@ -173,6 +173,8 @@ DETECTION_DEFAULTS: dict[str, Any] = {
         # from scratch, and nothing but the convolutions spreads information across the image).
         "backbone_norm": "bn",
         "trainable_backbone_layers": None,
+        # The RoI size FPN pools from P4 (torchvision's 224, for 800-px images); scale it with smaller images.
+        "roi_canonical_scale": 224,
         # A torchvision detector state dict (e.g. COCO-trained maskrcnn_resnet50_fpn) to start from.
         "weights": None,
         # A torchvision ImageNet ResNet state dict for the backbone.

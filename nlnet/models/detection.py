@@ -40,6 +40,7 @@ from torch import nn
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection import KeypointRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from nlnet.layers import NonLocalBlock
@@ -127,6 +128,7 @@ def create(
     nonlocal_scale_mult: float = 1.0,
     backbone_norm: str = "bn",
     trainable_backbone_layers: int | None = None,
+    roi_canonical_scale: int = 224,
     **kwargs,
 ) -> MaskRCNN | KeypointRCNN:
     """Build a torchvision detector with the paper's non-local blocks.
@@ -158,6 +160,10 @@ def create(
             "ln", ConvNeXt's ``LayerNorm2d``: each position on its own, so only convolutions span the image.
         trainable_backbone_layers: how many of torchvision's five backbone stages train (0-5); 3 with frozen
             BN, 5 otherwise, as in torchvision. The non-local blocks always train.
+        roi_canonical_scale: the RoI size that FPN maps to P4 (k0 = 4 in Lin et al.'s
+            k = k0 + log2(sqrt(wh) / 224)); each halving moves a RoI one level finer. 224, torchvision's and the
+            FPN paper's, suits 800-px images; for smaller ones scale it with the image (32 at 112 px puts 16-px
+            objects on P3 instead of P2). The box, mask and keypoint heads all pool with it.
         **kwargs: passed to ``MaskRCNN``/``KeypointRCNN`` (``min_size``, ``max_size``, ``num_keypoints``,
             ``box_detections_per_img``, ...).
 
@@ -172,7 +178,8 @@ def create(
     if nonlocal_head and spec.kind != "keypoint":
         raise ValueError(f"nonlocal_head applies to the keypoint head; {name!r} has none (got nonlocal_head=True)")
     _check_block_options(nonlocal_mode, nonlocal_norm, nonlocal_zero_init, nonlocal_scale_mult, backbone_norm)
-    make_block = functools.partial(_make_block, mode=nonlocal_mode, norm=nonlocal_norm, scale_mult=nonlocal_scale_mult)
+    block_options = {"mode": nonlocal_mode, "norm": nonlocal_norm, "zero_init": nonlocal_zero_init}
+    make_block = functools.partial(_make_block, scale_mult=nonlocal_scale_mult, **block_options)
     num_classes, trainable_layers = _resolve_counts(spec, num_classes, trainable_backbone_layers, backbone_norm)
 
     backbone = resnet_fpn_backbone(
@@ -182,15 +189,12 @@ def create(
         trainable_layers=trainable_layers,
     )
     detector_class = MaskRCNN if spec.kind == "mask" else KeypointRCNN
-    model = detector_class(backbone, num_classes=num_classes, **kwargs)
+    model = detector_class(backbone, num_classes=num_classes, **_roi_pools(spec, roi_canonical_scale, kwargs))
 
     if nonlocal_backbone:
         _add_backbone_block(model, spec, make_block)
     if nonlocal_head:
         _add_keypoint_head_blocks(model, spec, make_block)
-    if not nonlocal_zero_init:
-        for block in nonlocal_blocks(model).values():
-            nn.init.kaiming_normal_(block.out.weight, mode="fan_out", nonlinearity="relu")
     return model
 
 
@@ -211,6 +215,26 @@ def _check_block_options(
         )
     if backbone_norm not in BACKBONE_NORMS:
         raise ValueError(f"backbone_norm must be one of {sorted(BACKBONE_NORMS)}, got {backbone_norm!r}")
+
+
+# torchvision's pooled sizes: 7 x 7 for the box head, 14 x 14 for the mask and keypoint heads.
+_ROI_POOLS = {"box_roi_pool": 7, "mask_roi_pool": 14, "keypoint_roi_pool": 14}
+
+
+def _roi_pools(spec: DetectorPreset, canonical_scale: int, kwargs: dict) -> dict:
+    """``kwargs`` with the heads' ``MultiScaleRoIAlign`` at ``canonical_scale`` when it is not torchvision's 224."""
+    if isinstance(canonical_scale, bool) or not (isinstance(canonical_scale, int) and canonical_scale > 0):
+        raise ValueError(f"roi_canonical_scale must be a positive integer, got {canonical_scale!r}")
+    if canonical_scale == 224:
+        return kwargs
+    pools = ["box_roi_pool", "mask_roi_pool" if spec.kind == "mask" else "keypoint_roi_pool"]
+    given = [key for key in pools if kwargs.get(key) is not None]
+    if given:
+        raise ValueError(f"roi_canonical_scale={canonical_scale} builds {given}; pass one or the other, not both")
+    return kwargs | {
+        key: MultiScaleRoIAlign(["0", "1", "2", "3"], _ROI_POOLS[key], 2, canonical_scale=canonical_scale)
+        for key in pools
+    }
 
 
 def _resolve_counts(
@@ -360,9 +384,11 @@ def _add_keypoint_head_blocks(
     model.roi_heads.keypoint_head = _insert_after(head, blocks)
 
 
-def _make_block(channels: int, *, mode: str, norm: str | None, scale_mult: float) -> NonLocalBlock:
+def _make_block(channels: int, *, mode: str, norm: str | None, zero_init: bool, scale_mult: float) -> NonLocalBlock:
     block = NonLocalBlock(channels, dim=2, mode=mode, pool="default", norm=norm)
     block.scale_factor *= scale_mult  # the block's own d^-0.5, for whichever d its mode compares
+    if not zero_init:  # W_z (no norm after it) drawn like torchvision's ResNet convolutions
+        nn.init.kaiming_normal_(block.out.weight, mode="fan_out", nonlinearity="relu")
     return block
 
 

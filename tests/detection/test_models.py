@@ -281,6 +281,33 @@ def test_scale_mult_sharpens_every_blocks_softmax() -> None:
         detection.create("maskrcnn_r50_fpn", nonlocal_scale_mult=0, **SMALL)
 
 
+@pytest.mark.parametrize(
+    "name, head", [("maskrcnn_r50_fpn", "mask_roi_pool"), ("keypointrcnn_r50_fpn", "keypoint_roi_pool")]
+)
+def test_roi_canonical_scale_moves_small_objects_to_coarser_levels(name: str, head: str) -> None:
+    from torchvision.ops import roi_align
+
+    torch.manual_seed(0)
+    # FPN's features for a 112 x 112 image: P2..P5 at strides 4, 8, 16, 32.
+    features = {str(i): torch.randn(1, 4, 112 // 2 ** (i + 2), 112 // 2 ** (i + 2)) for i in range(4)}
+    boxes = torch.tensor([[10.0, 20.0, 26.0, 36.0], [20.0, 10.0, 84.0, 74.0]])  # 16 and 64 px a side
+    # Lin et al.'s k = floor(4 + log2(sqrt(wh) / s0)), clipped to P2..P5: at s0 = 224 both boxes are on P2;
+    # at s0 = 32 the 16-px box is on P3 (k = 3) and the 64-px box on P5 (k = 5).
+    for canonical, levels in ((224, (0, 0)), (32, (1, 3))):
+        model = detection.create(name, roi_canonical_scale=canonical, **SMALL)
+        for pool, size in ((model.roi_heads.box_roi_pool, 7), (getattr(model.roi_heads, head), 14)):
+            pooled = pool(features, [boxes], [(112, 112)])
+            for box, level, out in zip(boxes, levels, pooled, strict=True):
+                expected = roi_align(
+                    features[str(level)], [box[None]], size, spatial_scale=1 / 2 ** (level + 2), sampling_ratio=2
+                )
+                torch.testing.assert_close(out[None], expected)
+    with pytest.raises(ValueError, match="roi_canonical_scale must be a positive integer, got 0"):
+        detection.create(name, roi_canonical_scale=0, **SMALL)
+    with pytest.raises(ValueError, match=r"roi_canonical_scale=32 builds \['box_roi_pool'"):
+        detection.create(name, roi_canonical_scale=32, box_roi_pool=model.roi_heads.box_roi_pool, **SMALL)
+
+
 def test_mismatched_predictor_is_reported_or_skipped() -> None:
     source = detection.create(
         "maskrcnn_r50_fpn", num_classes=91, nonlocal_backbone=False, **SMALL
